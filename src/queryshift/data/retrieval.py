@@ -1,0 +1,126 @@
+"""Retrieval datasets: images + texts + many-to-many relevance (spec §4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from PIL import Image, UnidentifiedImageError
+
+_PUNCT = re.compile(r"[.!\"()*#:;~]")
+_SPACES = re.compile(r"\s{2,}")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, field or value."""
+
+
+def pre_caption(caption, max_words: int = 30) -> str:
+    """TCR/BLIP caption cleaning (spec §4.1): lowercase, punctuation to spaces, truncate to ``max_words``."""
+    if isinstance(caption, (list, tuple)):
+        caption = " ".join(caption)
+    caption = _PUNCT.sub(" ", caption.lower())
+    caption = _SPACES.sub(" ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if max_words and len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+@dataclass
+class RetrievalDataset:
+    """Images and texts with relevance lists in both directions.
+
+    ``images`` are paths relative to ``image_root`` (or absolute). ``img2txt[i]`` lists the texts relevant
+    to image i, ``txt2img[t]`` the images relevant to text t; many-to-many relations are allowed.
+    ``image_loader`` replaces file reading (e.g. procedurally rendered images).
+    """
+
+    images: list[str]
+    texts: list[str]
+    img2txt: list[list[int]]
+    txt2img: list[list[int]]
+    image_root: str | None = None
+    name: str = "dataset"
+    source: str = ""  # the annotation file, for messages and cache keys
+    image_loader: Callable[[int], Image.Image] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if len(self.img2txt) != len(self.images) or len(self.txt2img) != len(self.texts):
+            raise DataError(f"{self.source or self.name}: relevance lists do not match images/texts")
+        for t, text in enumerate(self.texts):
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{self.source or self.name}: empty caption for text {t} (image(s) {self.txt2img[t]})")
+
+    def __repr__(self) -> str:
+        return f"RetrievalDataset({self.name!r}, {len(self.images)} images, {len(self.texts)} texts)"
+
+    def image_path(self, i: int) -> str:
+        p = self.images[i]
+        return p if os.path.isabs(p) or not self.image_root else os.path.join(self.image_root, p)
+
+    def load_image(self, i: int) -> Image.Image:
+        if self.image_loader is not None:
+            return self.image_loader(i)
+        path = self.image_path(i)
+        if not os.path.exists(path) and self.image_root:
+            # MM_Robustness writes corrupted images flat as <basename>.jpg (spec §4.2)
+            flat = os.path.join(self.image_root, os.path.splitext(os.path.basename(self.images[i]))[0] + ".jpg")
+            if os.path.exists(flat):
+                path = flat
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except FileNotFoundError as err:
+            raise DataError(f"image {i} not found: {path}") from err
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DataError(f"image {i} is corrupt or unreadable: {path} ({err})") from err
+
+    def fingerprint(self) -> str:
+        """Content hash of the annotations and image locations; part of the gallery cache key."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.name, self.image_root or "", self.images, self.texts]).encode())
+        return h.hexdigest()[:16]
+
+    def subset(self, image_ids: list[int]) -> RetrievalDataset:
+        """Keep the given images and the texts relevant to them; relevance is restricted accordingly."""
+        keep_img = {old: new for new, old in enumerate(image_ids)}
+        text_ids = sorted({t for i in image_ids for t in self.img2txt[i]})
+        keep_txt = {old: new for new, old in enumerate(text_ids)}
+        loader = self.image_loader
+        return RetrievalDataset(
+            images=[self.images[i] for i in image_ids],
+            texts=[self.texts[t] for t in text_ids],
+            img2txt=[[keep_txt[t] for t in self.img2txt[i] if t in keep_txt] for i in image_ids],
+            txt2img=[[keep_img[i] for i in self.txt2img[t] if i in keep_img] for t in text_ids],
+            image_root=self.image_root,
+            name=self.name,
+            source=self.source,
+            image_loader=(lambda j: loader(image_ids[j])) if loader else None,
+        )
+
+    def query_items(self, direction: str) -> tuple[str, int, list[list[int]]]:
+        """-> (query modality, number of queries, relevance per query) for ``i2t`` or ``t2i``."""
+        if direction == "i2t":
+            return "image", len(self.images), self.img2txt
+        if direction == "t2i":
+            return "text", len(self.texts), self.txt2img
+        raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+
+
+def from_groups(
+    images: list[str], captions_per_image: list[list[str]], max_words: int = 30, **kw
+) -> RetrievalDataset:
+    """Build a dataset where each image owns its captions (texts numbered image by image)."""
+    texts, img2txt, txt2img = [], [], []
+    for i, caps in enumerate(captions_per_image):
+        img2txt.append([])
+        for cap in caps:
+            img2txt[i].append(len(texts))
+            txt2img.append([i])
+            texts.append(pre_caption(cap, max_words))
+    return RetrievalDataset(images=list(images), texts=texts, img2txt=img2txt, txt2img=txt2img, **kw)

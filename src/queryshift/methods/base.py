@@ -1,0 +1,211 @@
+"""The one small base class every test-time adaptation method subclasses.
+
+A method gets the query-tower model, the fixed gallery embeddings and the query modality. The engine
+calls :meth:`Method.step` once per query batch and ranks the scores it returns; it knows nothing about
+any specific method. A subclass implements :meth:`forward_and_adapt` (one forward, loss, update) and, if
+it has state besides the adapted parameters (a queue, an EMA), lists it in ``state_attrs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..models.base import DualEncoder
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class AdaptConfig:
+    """Protocol settings shared by all methods (spec §1.4, §1.8). Defaults follow the TCR code."""
+
+    steps: int = 3  # optimisation steps per query batch
+    record: str = "last"  # which step's forward gives the recorded scores: "first" or "last"
+    optimizer: str = "adamw"  # "adamw" | "adam" | "sgd"
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    include_final_ln: bool = False  # CLIP text: also adapt ln_final (excluded by the TCR code)
+    on_nonfinite: str = "skip"  # a NaN/inf loss: "skip" the update (logged) or "raise"
+    hparams: dict[str, Any] = field(default_factory=dict)  # method-specific overrides of ``defaults``
+
+    def __post_init__(self):
+        if self.record not in ("first", "last"):
+            raise ValueError(f"record must be 'first' or 'last', got {self.record!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {self.on_nonfinite!r}")
+
+
+class Method:
+    name: ClassVar[str] = "base"
+    #: method hyper-parameters and their defaults; ``AdaptConfig.hparams`` may override known keys only
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: False for methods that never update parameters (source, training-free variants)
+    adapts: ClassVar[bool] = True
+    #: attributes saved in checkpoints and restored by reset() (besides parameters and optimizer)
+    state_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: DualEncoder, gallery: torch.Tensor, modality: str, config: AdaptConfig | None = None):
+        self.model = model
+        self.gallery = gallery
+        self.modality = modality
+        self.config = config or AdaptConfig()
+        unknown = set(self.config.hparams) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"unknown hyper-parameter(s) {sorted(unknown)} for method {self.name!r}; "
+                f"known: {sorted(self.defaults)}"
+            )
+        self.hp = {**copy.deepcopy(self.defaults), **self.config.hparams}
+        self.steps = self.config.steps if self.adapts else 1
+        self.generator = torch.Generator().manual_seed(0)
+        self.batch_index = 0
+        self.configure_model()
+        self.named_params = self.collect_params() if self.adapts else []
+        self.params = [p for _, p in self.named_params]
+        self.optimizer = self.build_optimizer() if self.params else None
+        self.init_state()
+        self._snapshot = self._capture()
+
+    # -- hooks for subclasses --------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Freeze everything, then unfreeze the query tower's LayerNorm affine parameters (spec §1.3).
+
+        The model stays in eval mode (spec §1.9): dropout and drop-path are off during adaptation.
+        """
+        self.model.eval()
+        self.model.requires_grad_(False)
+        if self.adapts:
+            for _, p in self.model.adaptable_parameters(self.modality, self.config.include_final_ln):
+                p.requires_grad_(True)
+
+    def collect_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return self.model.adaptable_parameters(self.modality, self.config.include_final_ln)
+
+    def init_state(self) -> None:
+        """Create the method's own state (queue, EMA, ...). Called at construction and by reset()."""
+
+    def forward_and_adapt(self, query_batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One forward pass, loss and update. Return (scores B x N, log values) of that forward."""
+        raise NotImplementedError
+
+    # -- engine API --------------------------------------------------------------------------------
+
+    def step(self, query_batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Adapt on one query batch for ``steps`` iterations; return the recorded scores and a log dict."""
+        recorded, log = None, {}
+        for s in range(self.steps):
+            scores, info = self.forward_and_adapt(query_batch, s)
+            if s == 0 or self.config.record == "last":
+                recorded = scores.detach()
+            for k, v in info.items():
+                log[k] = v  # the last step's value; methods add per-step keys themselves if needed
+        self.batch_index += 1
+        return recorded, log
+
+    def reset(self) -> None:
+        """Restore the source parameters, a fresh optimizer state and the method's initial state."""
+        self._restore(self._snapshot)
+
+    # -- shared helpers ----------------------------------------------------------------------------
+
+    def encode(self, query_batch: Any) -> torch.Tensor:
+        return self.model.encode(self.modality, query_batch)
+
+    @torch.no_grad()
+    def encode_with_source(self, query_batch: Any) -> torch.Tensor:
+        """Query embeddings under the source (initial) parameters, without a second model copy."""
+        with self._swapped(self._snapshot["params"]):
+            return self.encode(query_batch)
+
+    def update(self, loss: torch.Tensor | None, info: dict[str, Any] | None = None) -> bool:
+        """Backward and optimizer step, unless the loss is missing, has no graph or is not finite.
+
+        This is the single guard that keeps NaN out of every optimizer. Returns whether it stepped.
+        """
+        if info is None:
+            info = {}
+        if loss is None or not loss.requires_grad:
+            info["skipped"] = "empty"
+            return False
+        value = float(loss.detach())
+        info["loss"] = value
+        if not math.isfinite(value):
+            if self.config.on_nonfinite == "raise":
+                raise NonFiniteLossError(f"{self.name}: loss is {value} at batch {self.batch_index}")
+            info["skipped"] = "nonfinite"
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None):
+            if self.config.on_nonfinite == "raise":
+                raise NonFiniteLossError(f"{self.name}: non-finite gradient at batch {self.batch_index}")
+            info["skipped"] = "nonfinite-grad"
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        return True
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.optimizer == "adam":
+            return torch.optim.Adam(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(self.params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        raise ValueError(f"unknown optimizer {c.optimizer!r}; expected adamw, adam or sgd")
+
+    # -- snapshot, reset and checkpoints ----------------------------------------------------------
+
+    def _capture(self) -> dict[str, Any]:
+        return {
+            "params": {n: p.detach().clone() for n, p in self.named_params},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
+            "extra": {a: copy.deepcopy(getattr(self, a)) for a in self.state_attrs},
+            "generator": self.generator.get_state(),
+            "batch_index": self.batch_index,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for n, p in self.named_params:
+                p.copy_(state["params"][n])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for a in self.state_attrs:
+            setattr(self, a, copy.deepcopy(state["extra"][a]))
+        self.generator.set_state(state["generator"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the stream exactly (for --resume)."""
+        return self._capture()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restore(state)
+        self.batch_index = state["batch_index"]
+
+    @contextmanager
+    def _swapped(self, values: dict[str, torch.Tensor]):
+        saved = {n: p.detach().clone() for n, p in self.named_params}
+        try:
+            with torch.no_grad():
+                for n, p in self.named_params:
+                    p.copy_(values[n])
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.named_params:
+                    p.copy_(saved[n])

@@ -1,0 +1,42 @@
+"""Backbone factory, in the spirit of open_clip's ``create_model_and_transforms``.
+
+``load_model("openclip:ViT-B-16/openai")`` -> a :class:`DualEncoder`. A new backbone is one module that
+defines ``load(spec: str, device) -> DualEncoder`` plus one line in ``BACKENDS`` (or an ``ALIASES`` entry).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import DualEncoder, WeightsNotFoundError, l2_normalize
+
+# prefix -> module (relative to this package) whose ``load(spec, device)`` builds the model
+BACKENDS: dict[str, str] = {
+    "openclip": ".openclip",
+    "hf-blip": ".hf_blip",
+    "hf-clip": ".hf_clip",
+}
+
+# bare names -> module whose ``load_alias(name, device)`` builds the model (e.g. the shipped shapes model)
+ALIASES: dict[str, str] = {
+    "shapes-clip": ".shapes_clip",
+}
+
+
+def load_model(name: str, device: str = "cpu") -> DualEncoder:
+    """Build a dual encoder from ``<backend>:<spec>`` or a registered alias, in eval mode."""
+    if name in ALIASES:
+        module = importlib.import_module(ALIASES[name], __package__)
+        model = module.load_alias(name, device)
+    else:
+        backend, sep, spec = name.partition(":")
+        if not sep or backend not in BACKENDS:
+            known = ", ".join([f"{b}:<spec>" for b in BACKENDS] + list(ALIASES))
+            raise ValueError(f"unknown model {name!r}; expected one of: {known}")
+        module = importlib.import_module(BACKENDS[backend], __package__)
+        model = module.load(spec, device)
+    model.name = name
+    return model.eval()
+
+
+__all__ = ["DualEncoder", "WeightsNotFoundError", "l2_normalize", "load_model", "BACKENDS", "ALIASES"]
