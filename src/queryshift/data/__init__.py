@@ -18,6 +18,15 @@ def _lazy(module: str, func: str):
 # ``--data NAME[:ARG]`` -> builder(arg, image_root=...). One line per named dataset.
 DATASETS = {
     "shapes": _lazy(".shapes", "load_shapes"),
+    # query-gallery shift (spec §4.3): ARG = annotation file or dataset root
+    "nocaps_in": _lazy(".qgs", "load_nocaps_in"),
+    "nocaps_near": _lazy(".qgs", "load_nocaps_near"),
+    "nocaps_out": _lazy(".qgs", "load_nocaps_out"),
+    "nocaps_entire": _lazy(".qgs", "load_nocaps_entire"),
+    "fashion_gen": _lazy(".qgs", "load_fashion_gen"),
+    "fashion_gen_detail": _lazy(".qgs", "load_fashion_gen_detail"),
+    "cuhk_pedes": _lazy(".qgs", "load_cuhk_pedes"),
+    "icfg_pedes": _lazy(".qgs", "load_icfg_pedes"),
 }
 
 __all__ = ["DataError", "RetrievalDataset", "from_groups", "pre_caption", "load_dataset", "load_karpathy",

@@ -1,0 +1,41 @@
+# Set-up and main jobs. `make test` and `make demo` create .venv on first use and install everything.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU/GPU users pick their own torch build, e.g. TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Debian data the word-level text corruptions read (WordNet); skipped where apt-get is unavailable
+APT_PACKAGES ?= wordnet-base
+
+.PHONY: setup system-deps test lint demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[all]"
+	touch $@
+
+system-deps:
+	@if [ -d /usr/share/wordnet ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	else echo "note: install WordNet data ($(APT_PACKAGES)) for the word-level text corruptions"; fi
+
+setup: system-deps $(VENV)/.installed
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/python -m queryshift.demo
+
+clean:
+	rm -rf $(VENV) demo-results .pytest_cache .ruff_cache

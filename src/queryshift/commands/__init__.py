@@ -1,0 +1,1 @@
+"""Sub-commands of the ``queryshift`` CLI; each module defines ``add_parser(subparsers)`` and ``main(args)``."""

@@ -1,0 +1,99 @@
+"""``queryshift run``: one online adaptation stream, written to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import yaml
+
+from ..engine import RunConfig, format_table, run
+
+
+def _hparam(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)  # numbers, booleans and lists parse as YAML scalars
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``run`` and ``bench``; every default is None so a YAML config can supply it."""
+    g = p.add_argument_group("run settings (override --config)")
+    g.add_argument("--model", help="backbone: openclip:<arch>/<tag>, openclip:<arch>@<ckpt>, openclip:<arch>/random, "
+                                   "hf-blip:<id or dir>, hf-clip:<id or dir>, shapes-clip (default: shapes-clip)")
+    g.add_argument("--data", help="dataset: a Karpathy JSON, a JSONL/CSV of image,caption[,group], or a named "
+                                  "dataset such as 'shapes' (default: shapes)")
+    g.add_argument("--image-root", dest="image_root", help="folder the dataset's image paths are relative to")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="queries per online batch (default 64)")
+    g.add_argument("--seed", type=int, help="seed of the query order, the shifts and random models (default 42)")
+    g.add_argument("--steps", type=int, help="optimisation steps per batch (default 3)")
+    g.add_argument("--record", choices=["first", "last"], help="record the first or last step's scores (default last)")
+    g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], help="default adamw")
+    g.add_argument("--lr", type=float, help="learning rate (default 3e-4; 3e-5 for BLIP text queries)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, help="default 1e-4")
+    g.add_argument("--hparam", action="append", type=_hparam, metavar="KEY=VALUE",
+                   help="method hyper-parameter, repeatable (e.g. --hparam tau=0.01)")
+    g.add_argument("--include-final-ln", dest="include_final_ln", action="store_const", const=True,
+                   help="also adapt the text tower's final LayerNorm (excluded by the TCR code)")
+    g.add_argument("--on-nonfinite", dest="on_nonfinite", choices=["skip", "raise"],
+                   help="a NaN/inf loss skips that update (default) or stops the run")
+    g.add_argument("--max-queries", dest="max_queries", type=int, help="only the first N queries of the stream")
+    g.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False,
+                   help="stream queries in dataset order")
+    g.add_argument("--skip-bad-images", dest="skip_bad_images", action="store_const", const=True,
+                   help="drop unreadable images (reported in result.json) instead of stopping")
+    g.add_argument("--eval-clean-after", dest="eval_clean_after", action="store_const", const=True,
+                   help="after the stream, measure forgetting on clean queries")
+    g.add_argument("--max-words", dest="max_words", type=int, help="caption truncation (default 30)")
+    g.add_argument("--cache-dir", dest="cache_dir", help="gallery embedding cache (default ~/.cache/queryshift)")
+    g.add_argument("--num-workers", dest="num_workers", type=int, help="image loading workers (default 0)")
+    g.add_argument("--device", help="torch device (default cpu)")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide progress bars")
+
+
+def config_from_args(args: argparse.Namespace, extra: dict | None = None) -> RunConfig:
+    values: dict = {}
+    if getattr(args, "config", None):
+        from ..configs import load_run_config
+
+        values.update(load_run_config(args.config))
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    for name in fields:
+        v = getattr(args, name, None)
+        if v is not None and name != "hparams":
+            values[name] = v
+    if getattr(args, "hparam", None):
+        values["hparams"] = {**values.get("hparams", {}), **dict(args.hparam)}
+    values.update(extra or {})
+    return RunConfig.from_dict(values, source=getattr(args, "config", None) or "command line")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="adapt a model online on one query stream and write DIR/result.json",
+        description="Stream the queries of a dataset in batches through a test-time adaptation method, "
+                    "against a gallery encoded once by the source model. Writes OUT/result.json (r1 r5 r10 "
+                    "r_mean map, config, seed, versions, git commit), OUT/log.jsonl (one line per batch), "
+                    "OUT/table.md, and a checkpoint that --resume continues from.")
+    p.add_argument("--config", help="YAML file of run settings; command-line options override it")
+    p.add_argument("--direction", choices=["i2t", "t2i"], help="i2t: image queries; t2i: text queries (default i2t)")
+    p.add_argument("--method", help="adaptation method, see 'queryshift methods' (default source)")
+    p.add_argument("--shift", help="query shift NAME:SEVERITY, a domain style or a stream (default: clean)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--resume", action="store_const", const=True, help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_const", const=True, help="discard a previous run in --out")
+    add_run_options(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(config_from_args(args))
+    print(format_table([result]))
+    if "forgetting" in result:
+        f = result["forgetting"]
+        print(f"forgetting (clean R@1 after - source): {f['forgetting']:+.2f} "
+              f"({f['r1_after']:.2f} vs {f['r1_source']:.2f})")
+    if args.out:
+        print(f"wrote {args.out}/result.json")
+    return 0
