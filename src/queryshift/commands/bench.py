@@ -1,0 +1,248 @@
+"""``queryshift bench``: run a grid of online adaptation runs and write one results table.
+
+A grid comes from one or more suites (``configs/suites/<name>.yaml``, see :mod:`queryshift.configs`) or from
+``--methods/--shifts/--directions``. Every run writes its own directory under ``OUT/runs/``; a finished run
+is read back instead of recomputed and an interrupted one resumes, so rerunning the same command after a kill
+only does the missing work. Output: ``OUT/results.json``, ``OUT/results.md`` and one PNG per table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from typing import Any
+
+from ..engine import RunConfig, run, write_json
+from ..runinfo import git_commit, versions
+from .run import add_run_options, config_from_args
+
+SUITE_DIR = os.path.join(os.getcwd(), "configs", "suites")
+_SLIM = ("r1", "r5", "r10", "r_mean", "map", "n_queries", "segments", "forgetting", "skipped_updates", "seconds")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="run a grid of methods x shifts x directions and write one results table",
+        description=__doc__.split("\n\n")[0] + " Finished runs are reused and interrupted ones resume.")
+    p.add_argument("--suite", action="append", default=[],
+                   help="suite name (configs/suites/NAME.yaml) or YAML path; repeatable, one table each")
+    p.add_argument("--methods", help="comma-separated methods for an ad-hoc grid (default: every registered)")
+    p.add_argument("--shifts", help="comma-separated shifts for an ad-hoc grid ('clean' = no shift)")
+    p.add_argument("--directions", default="i2t,t2i", help="comma-separated directions (default i2t,t2i)")
+    p.add_argument("--config", help="YAML run settings shared by an ad-hoc grid")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--title", default="queryshift benchmark", help="heading of results.md")
+    add_run_options(p)
+    p.set_defaults(func=main)
+
+
+def _suite_path(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    path = os.path.join(SUITE_DIR, f"{name}.yaml")
+    if not os.path.exists(path):
+        known = sorted(f[:-5] for f in os.listdir(SUITE_DIR)) if os.path.isdir(SUITE_DIR) else []
+        raise FileNotFoundError(f"no suite {name!r} ({path}); known: {', '.join(known) or 'none'}")
+    return path
+
+
+def _overrides(args) -> dict[str, Any]:
+    """Run settings given on the command line, which override every suite run."""
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "config": None}))
+    given = {k for k, v in vars(args).items() if v is not None}
+    values = {k: v for k, v in vars(cfg).items() if k in given and k not in ("out", "config")}
+    if args.hparam:
+        values["hparams"] = dict(args.hparam)
+    return values
+
+
+def plan(args) -> list[dict[str, Any]]:
+    """-> tables: {name, description, runs: [(labels, RunConfig)], published, table hints}."""
+    from ..configs import load_run_config, suite_runs
+
+    overrides = _overrides(args)
+    tables = []
+    for name in args.suite:
+        path = _suite_path(name)
+        _, runs, published, hints = suite_runs(path)
+        desc = _description(path)
+        runs = [(labels, _with(run_dict, overrides)) for labels, run_dict in runs]
+        tables.append({"name": os.path.splitext(os.path.basename(path))[0], "description": desc, "runs": runs,
+                       "published": published, "hints": hints})
+    if not args.suite:
+        from .. import methods
+
+        base = load_run_config(args.config) if args.config else {}
+        names = args.methods.split(",") if args.methods else methods.available()
+        shift_list = args.shifts.split(",") if args.shifts else ["clean"]
+        runs = []
+        for m in names:
+            for d in args.directions.split(","):
+                for s in shift_list:
+                    if not _fits(s, d):
+                        continue  # e.g. an image corruption on the text queries of t2i
+                    labels = {"method": m, "direction": d, "shift": s}
+                    runs.append((labels, _with({**base, "method": m, "direction": d,
+                                                "shift": None if s == "clean" else s}, overrides)))
+        tables.append({"name": "grid", "description": "", "runs": runs, "published": {},
+                       "hints": {"rows": "method", "columns": ["direction", "shift"], "metric": "r1"}})
+    return tables
+
+
+def _fits(shift: str, direction: str) -> bool:
+    from .. import shifts
+
+    try:
+        shifts.build(None if shift == "clean" else shift, "image" if direction == "i2t" else "text")
+        return True
+    except ValueError as err:
+        if "queries here are" in str(err):
+            return False
+        raise
+
+
+def _description(path: str) -> str:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return str((yaml.safe_load(f) or {}).get("description") or "").strip()
+
+
+def _with(run_dict: dict, overrides: dict) -> RunConfig:
+    merged = {**run_dict, **overrides}
+    if "hparams" in overrides:
+        merged["hparams"] = {**run_dict.get("hparams", {}), **overrides["hparams"]}
+    return RunConfig.from_dict(merged)
+
+
+def _run_dir(out: str, table: str, labels: dict[str, str]) -> str:
+    name = "__".join(re.sub(r"[^A-Za-z0-9_.=+-]+", "-", str(v)) for v in labels.values())
+    return os.path.join(out, "runs", table, name)
+
+
+def execute(tables, out: str, progress: bool = True) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    from ..engine import _json_safe  # noqa: F401  (keeps JSON of results consistent with the engine)
+
+    records = []
+    total = sum(len(t["runs"]) for t in tables)
+    bar = tqdm(total=total, desc="bench", disable=not progress)
+    for t in tables:
+        for labels, cfg in t["runs"]:
+            run_dir = _run_dir(out, t["name"], labels)
+            bar.set_postfix_str(" ".join(labels.values()))
+            result_path = os.path.join(run_dir, "result.json")
+            if os.path.exists(result_path):
+                import json
+
+                with open(result_path, encoding="utf-8") as f:
+                    result = json.load(f)
+            else:
+                cfg.out = run_dir
+                cfg.resume = os.path.exists(os.path.join(run_dir, "log.jsonl"))
+                cfg.progress = False
+                result = run(cfg)
+            records.append({"table": t["name"], "labels": labels, **{k: result[k] for k in _SLIM if k in result}})
+            bar.update(1)
+    bar.close()
+    return records
+
+
+def _metric(record: dict, metric: str):
+    value: Any = record
+    for part in metric.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def render_table(t: dict, records: list[dict]) -> tuple[str, dict]:
+    """Markdown table for one suite: rows by ``hints.rows``, one column per other label combination, average."""
+    hints = t["hints"]
+    metric = hints.get("metric", "r1")
+    rows_axis = hints.get("rows", "method")
+    mine = [r for r in records if r["table"] == t["name"]]
+    cols_axes = hints.get("columns") or [a for a in mine[0]["labels"] if a != rows_axis]
+    cols_axes = [cols_axes] if isinstance(cols_axes, str) else list(cols_axes)
+    rows, cols, cell = [], [], {}
+    for r in mine:
+        row = r["labels"].get(rows_axis, "")
+        col = " ".join(r["labels"][a] for a in cols_axes if a in r["labels"])
+        rows += [row] if row not in rows else []
+        cols += [col] if col not in cols else []
+        cell[row, col] = _metric(r, metric)
+    has_pub = bool(t["published"])
+    head = [rows_axis, *cols, "avg"] + (["published avg"] if has_pub else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    averages = {}
+    for row in rows:
+        vals = [cell.get((row, c)) for c in cols]
+        known = [v for v in vals if isinstance(v, (int, float))]
+        averages[row] = sum(known) / len(known) if known and len(known) == len(vals) else None
+        cells = [row, *map(_fmt, vals), _fmt(averages[row])] + ([_fmt(t["published"].get(row))] if has_pub else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), {"rows": rows, "cols": cols, "cell": cell, "metric": metric, "averages": averages}
+
+
+def plot_table(grid: dict, title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows, cols = grid["rows"], grid["cols"]
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cols) * max(1, len(rows) / 3) + 2), 4.2))
+    x = np.arange(len(cols))
+    for i, row in enumerate(rows):
+        vals = [grid["cell"].get((row, c)) for c in cols]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, [v if isinstance(v, (int, float)) else 0 for v in vals],
+               width, label=row)
+    ax.set_xticks(x, cols, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(grid["metric"])
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=min(5, len(rows)), loc="upper center", bbox_to_anchor=(0.5, -0.32))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(tables, records, out: str, title: str, command: str) -> str:
+    commit = git_commit()
+    parts = [f"# {title}", "", f"Generated by `{command}` at commit `{commit}`.", ""]
+    grids = {}
+    for t in tables:
+        md, grid = render_table(t, records)
+        grids[t["name"]] = grid
+        png = f"{t['name']}.png"
+        plot_table(grid, f"{t['name']} ({grid['metric']})", os.path.join(out, png))
+        parts += [f"## {t['name']}", ""] + ([t["description"], ""] if t["description"] else [])
+        parts += [md, "", f"![{t['name']}]({png})", ""]
+    text = "\n".join(parts)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    write_json(os.path.join(out, "results.json"), {
+        "command": command, "git_commit": commit, "versions": versions(), "runs": records,
+        "tables": {n: {"metric": g["metric"], "averages": g["averages"]} for n, g in grids.items()},
+    })
+    return text
+
+
+def main(args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    tables = plan(args)
+    records = execute(tables, args.out, progress=args.progress is not False)
+    command = "queryshift " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
+        "queryshift") else " ".join(shlex.quote(a) for a in sys.argv)
+    print(report(tables, records, args.out, args.title, command))
+    print(f"wrote {args.out}/results.md, results.json and one PNG per table")
+    return 0
