@@ -1,0 +1,209 @@
+"""``queryshift corrupt``: write COCO-C / Flickr-C style corrupted copies of a Karpathy-split dataset.
+
+The layout is the one TCR's configs and benchmark users expect (spec §4.2):
+
+* image corruptions: ``<out>/<Prefix>_IP_<name>_<severity>/<image path from the JSON>``, saved as JPEG q95
+  like MM_Robustness's ``cv2.imwrite`` (so jpeg_compression is compressed twice there too);
+* text corruptions: ``<out>/annotation_<Name>/<level>/<json file name>``, the JSON rewritten with its
+  structure intact and only the captions perturbed (the first 5 per image for COCO, as the generator did).
+
+Each image/caption is corrupted with the generator ``item_rng(seed, index)`` the online engine uses for the
+same query, so image files match ``queryshift run --shift`` up to the JPEG re-encode. (Captions are perturbed
+raw, as MM_Robustness did, whereas the engine perturbs the ``pre_caption``-cleaned text.) Existing outputs
+are kept (the command resumes) unless ``--overwrite``. Streams and domain styles are online-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..shifts import item_rng
+
+IMAGE_SEVERITIES = (1, 2, 3, 4, 5)
+TCR_TEXT_LEVELS = {"char": range(1, 8), "word": (6, 7), "sentence": (1,)}  # what the TCR YAMLs ship
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "corrupt", help="write corrupted copies of a dataset (COCO-C / Flickr-C layout)",
+        description="Write corrupted copies of a Karpathy-split dataset in the TCR benchmark layout: "
+                    "<out>/<Prefix>_IP_<corruption>_<severity>/<image path> for image corruptions and "
+                    "<out>/annotation_<Name>/<level>/<json name> for text corruptions. Images keep their "
+                    "relative path from the JSON (the loader also falls back to flat <basename>.jpg, the "
+                    "layout MM_Robustness itself writes).")
+    p.add_argument("--data", required=True, help="Karpathy-split JSON, e.g. coco_karpathy_test.json")
+    p.add_argument("--image-root", dest="image_root", help="folder the JSON's image paths are relative to "
+                   "(needed for image corruptions)")
+    p.add_argument("--shift", action="append", required=True, metavar="NAME:SEVERITY",
+                   help="corruption to write, repeatable: gaussian_noise:5, RandomCharAug_swap:7, sr:6, "
+                        "formal ...; 'all-image' = 16 corruptions x severities 1-5, 'all-text' = the 57 text "
+                        "sets of the TCR configs (char 1-7, word 6-7, sentence 1; the last need HF models)")
+    p.add_argument("--out", required=True, help="output root")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruptions (default 0)")
+    p.add_argument("--prefix", help="image folder prefix (default COCO / Flickr30K from the JSON name)")
+    p.add_argument("--semantic-filter", dest="semantic_filter", action="store_true",
+                   help="redraw EDA/ip/style outputs until paraphrase-mpnet-base-v2 similarity >= 0.9")
+    p.add_argument("--workers", type=int, default=1, help="processes for image corruptions (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
+    p.set_defaults(func=main)
+
+
+def expand_shifts(values: list[str]) -> list[str]:
+    from ..shifts.image import IMAGE_CORRUPTIONS
+    from ..shifts.text import CHAR_CORRUPTIONS, SENTENCE_CORRUPTIONS, WORD_CORRUPTIONS
+
+    specs = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if item == "all-image":
+                specs += [f"{n}:{s}" for n in IMAGE_CORRUPTIONS for s in IMAGE_SEVERITIES]
+            elif item == "all-text":
+                for names, kind in ((CHAR_CORRUPTIONS, "char"), (WORD_CORRUPTIONS, "word"),
+                                    (SENTENCE_CORRUPTIONS, "sentence")):
+                    specs += [f"{n}:{lv}" for n in names for lv in TCR_TEXT_LEVELS[kind]]
+            elif item:
+                specs.append(item)
+    return list(dict.fromkeys(specs))
+
+
+def default_prefix(data_path: str) -> str:
+    base = os.path.basename(data_path).lower()
+    if "coco" in base:
+        return "COCO"
+    if "flickr" in base:
+        return "Flickr30K"
+    return os.path.splitext(os.path.basename(data_path))[0]
+
+
+def main(args) -> int:
+    from ..shifts.registry import ALIASES, IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS, build_shift
+
+    specs = expand_shifts(args.shift)
+    jobs = []  # build every shift first: a bad name or a missing model fails before anything is written
+    for spec in specs:
+        name = ALIASES.get(spec.partition(":")[0], spec.partition(":")[0])
+        if name not in IMAGE_CORRUPTIONS and name not in TEXT_CORRUPTIONS:
+            raise ValueError(f"corrupt writes the 16 image and 16 text corruptions only, not {spec!r} "
+                             "(streams and domain styles are applied online by `queryshift run --shift`)")
+        modality = "image" if name in IMAGE_CORRUPTIONS else "text"
+        jobs.append((modality, build_shift(spec, modality, args.seed, args.semantic_filter)))
+    if any(m == "image" for m, _ in jobs) and not args.image_root:
+        raise ValueError("image corruptions need --image-root (the folder the JSON's image paths live in)")
+    for modality, shift in jobs:
+        if modality == "image":
+            write_images(args, shift)
+        else:
+            write_captions(args, shift)
+    return 0
+
+
+# -- images ---------------------------------------------------------------------------------------------------
+
+_WORK: dict = {}
+
+
+def _init_worker(dataset, shift, seed, folder, overwrite):
+    _WORK.update(dataset=dataset, shift=shift, seed=seed, folder=folder, overwrite=overwrite)
+
+
+def _corrupt_one(i: int) -> str | None:
+    """Corrupt image ``i``; returns an error message instead of raising so one bad file does not stop a run."""
+    from ..data.retrieval import DataError
+
+    dataset, shift, folder = _WORK["dataset"], _WORK["shift"], _WORK["folder"]
+    rel = dataset.images[i]
+    target = os.path.join(folder, rel.lstrip("/\\") if not os.path.isabs(rel) else os.path.basename(rel))
+    if os.path.exists(target) and not _WORK["overwrite"]:
+        return None
+    try:
+        image = dataset.load_image(i)
+    except DataError as err:
+        return str(err)
+    out = shift(image, i, i, len(dataset.images), item_rng(_WORK["seed"], i))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    ext = os.path.splitext(target)[1].lower()
+    fmt = "JPEG" if ext in (".jpg", ".jpeg", "") else _pil_format(ext)
+    out.save(target + ".part", fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    os.replace(target + ".part", target)
+    return None
+
+
+def _pil_format(ext: str) -> str:
+    from PIL import Image
+
+    Image.init()
+    return Image.EXTENSION.get(ext, "PNG")
+
+
+def write_images(args, shift) -> None:
+    from tqdm import tqdm
+
+    from ..data import load_karpathy
+
+    dataset = load_karpathy(args.data, args.image_root)
+    corruption, severity = shift.name.split(":")
+    folder = os.path.join(args.out, f"{args.prefix or default_prefix(args.data)}_IP_{corruption}_{severity}")
+    os.makedirs(folder, exist_ok=True)
+    indices = _unique_images(dataset.images)
+    init = (dataset, shift, args.seed, folder, args.overwrite)
+    errors = []
+    with tqdm(total=len(indices), desc=shift.name, unit="img") as bar:
+        if args.workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(args.workers, _init_worker, init) as pool:
+                for err in pool.imap_unordered(_corrupt_one, indices, chunksize=8):
+                    errors += [err] if err else []
+                    bar.update()
+        else:
+            _init_worker(*init)
+            for i in indices:
+                err = _corrupt_one(i)
+                errors += [err] if err else []
+                bar.update()
+    for err in errors[:10]:
+        print(f"skipped: {err}", file=sys.stderr)
+    if errors:
+        print(f"{shift.name}: {len(errors)} image(s) could not be read and were skipped", file=sys.stderr)
+
+
+def _unique_images(images: list[str]) -> list[int]:
+    first: dict[str, int] = {}
+    for i, rel in enumerate(images):
+        first.setdefault(rel, i)
+    return sorted(first.values())
+
+
+# -- captions -------------------------------------------------------------------------------------------------
+
+def write_captions(args, shift) -> None:
+    """Rewrite the raw JSON: only caption strings change; other keys and the order are kept."""
+    from tqdm import tqdm
+
+    from ..data import load_karpathy
+
+    load_karpathy(args.data)  # validates the file with the loader's own checks and messages
+    with open(args.data, encoding="utf-8") as f:
+        entries = json.load(f)
+    corruption, level = shift.name.split(":")
+    target = os.path.join(args.out, f"annotation_{corruption}", level, os.path.basename(args.data))
+    if os.path.exists(target) and not args.overwrite:
+        print(f"{target} exists, kept (use --overwrite to rewrite)", file=sys.stderr)
+        return
+    # the loader's numbering of texts (COCO keeps 5 per image), so rng(index) matches the online engine
+    keep = 5 if "coco" in os.path.basename(args.data).lower() else None
+    index = 0
+    for entry in tqdm(entries, desc=shift.name, unit="img"):
+        single = isinstance(entry["caption"], str)
+        captions = [entry["caption"]] if single else list(entry["caption"])
+        for k in range(len(captions) if keep is None else min(keep, len(captions))):
+            captions[k] = shift(captions[k], index, index, 0, item_rng(args.seed, index))
+            index += 1
+        entry["caption"] = captions[0] if single else captions
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target + ".part", "w", encoding="utf-8") as f:
+        json.dump(entries, f)
+    os.replace(target + ".part", target)

@@ -1,0 +1,135 @@
+"""The catalogue behind ``--shift``: corruptions, domain styles and streams.
+
+Spec grammar::
+
+    clean | none                                   identity
+    NAME:SEVERITY[+filter]                         gaussian_noise:5, RandomCharAug_swap:7, char_swap:7, sr:6
+    NAME[:1]                                       sentence-level text shifts: formal, back_trans, ...
+    stream:temporal | stream:diverse               default streams for the query modality
+    stream:KIND[@BLOCK]=SPEC,SPEC,...              stream:temporal=clean,gaussian_noise:5,fog:5
+                                                   stream:diverse@1=gaussian_noise:5,style:outline
+    a name from shifts.domain.DOMAIN_SHIFTS        e.g. style:outline (when that module is installed)
+
+Severities: image corruptions 1-5; character- and word-level text corruptions 1-7; sentence-level 1.
+``+filter`` turns on MM_Robustness's semantic-similarity redraw (EDA, ip and style shifts).
+"""
+
+from __future__ import annotations
+
+from . import QueryShift
+from .image import IMAGE_CORRUPTIONS, ImageCorruption
+from .streams import DEFAULT_BLOCK, DEFAULT_DIVERSE, DEFAULT_TEMPORAL, DiverseStream, TemporalStream
+from .text import SENTENCE_CORRUPTIONS, TEXT_CORRUPTIONS, TextCorruption
+
+__all__ = ["IMAGE_CORRUPTIONS", "TEXT_CORRUPTIONS", "ALIASES", "build_shift", "list_shifts"]
+
+MODALITIES = ("image", "text")
+STREAMS = ("stream:temporal", "stream:diverse")
+ALIASES = {
+    "keyboard": "KeyboardAug", "ocr": "OcrAug",
+    "char_insert": "RandomCharAug_insert", "char_substitute": "RandomCharAug_substitute",
+    "char_swap": "RandomCharAug_swap", "char_delete": "RandomCharAug_delete",
+    "synonym_replacement": "sr", "random_insertion": "ri", "random_swap": "rs", "random_deletion": "rd",
+    "insert_punctuation": "ip", "back_translation": "back_trans", "backtrans": "back_trans",
+}
+
+
+def _domain_shifts() -> tuple[dict, str | None]:
+    """Domain styles live in an optional module; without it those names are simply not offered."""
+    try:
+        from .domain import DOMAIN_SHIFTS
+    except ImportError as err:
+        return {}, str(err)
+    return dict(DOMAIN_SHIFTS), None
+
+
+def list_shifts(modality: str) -> list[str]:
+    """Every shift name valid for queries of ``modality`` (severities: see the module docstring)."""
+    _check_modality(modality)
+    names = list(IMAGE_CORRUPTIONS if modality == "image" else TEXT_CORRUPTIONS)
+    domains, _ = _domain_shifts()
+    return names + [d for d in domains if _fits(domains[d], modality)] + list(STREAMS)
+
+
+def _fits(factory, modality: str) -> bool:
+    """Domain factories refuse (ValueError) the modality they do not shift; styles are cheap to build."""
+    try:
+        shift = factory(modality, 0)
+    except ValueError:
+        return False
+    return shift.modality in (None, modality)
+
+
+def _check_modality(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"query modality must be 'image' or 'text', got {modality!r}")
+
+
+def _wrong_modality(name: str, shift_modality: str, modality: str) -> ValueError:
+    return ValueError(f"shift {name!r} corrupts {shift_modality} queries, but the queries here are {modality} "
+                      f"(image queries: i2t; text queries: t2i). Valid {modality} shifts: "
+                      + ", ".join(list_shifts(modality)))
+
+
+def build_shift(spec: str, modality: str, seed: int = 0, semantic_filter: bool = False) -> QueryShift:
+    """Parse one ``--shift`` spec (grammar in the module docstring) for queries of ``modality``."""
+    _check_modality(modality)
+    spec = spec.strip()
+    if spec in ("", "none", "clean"):
+        return QueryShift()
+    if spec.startswith("stream:"):
+        return _build_stream(spec, modality, seed, semantic_filter)
+    domains, domain_error = _domain_shifts()
+    for key in (spec, spec.removeprefix("style:"), spec.removeprefix("domain:")):
+        if key in domains:
+            shift = domains[key](modality, seed)
+            if shift.modality not in (None, modality):
+                raise _wrong_modality(spec, shift.modality, modality)
+            return shift
+    if spec.endswith("+filter"):
+        spec, semantic_filter = spec.removesuffix("+filter"), True
+    name, _, level_text = spec.partition(":")
+    name = ALIASES.get(name, name)
+    if name not in IMAGE_CORRUPTIONS and name not in TEXT_CORRUPTIONS:
+        hint = f" (domain styles unavailable: {domain_error})" if domain_error and ":" in spec else ""
+        raise ValueError(f"unknown shift {spec!r}{hint}. Valid {modality} shifts: "
+                         + ", ".join(list_shifts(modality)) + "; aliases: " + ", ".join(ALIASES))
+    shift_modality = "image" if name in IMAGE_CORRUPTIONS else "text"
+    if shift_modality != modality:
+        raise _wrong_modality(name, shift_modality, modality)
+    if not level_text:
+        if name not in SENTENCE_CORRUPTIONS:
+            top = 5 if shift_modality == "image" else 7
+            raise ValueError(f"shift {name!r} needs a severity, e.g. {name}:{top} (1-{top})")
+        level_text = "1"
+    try:
+        level = int(level_text)
+    except ValueError:
+        raise ValueError(f"shift {spec!r}: severity must be an integer, got {level_text!r}") from None
+    if shift_modality == "image":
+        return ImageCorruption(name, level)
+    return TextCorruption(name, level, semantic_filter=semantic_filter)
+
+
+def _build_stream(spec: str, modality: str, seed: int, semantic_filter: bool) -> QueryShift:
+    head, has_list, members = spec.partition("=")
+    kind, _, block_text = head.removeprefix("stream:").partition("@")
+    if kind not in ("temporal", "diverse"):
+        raise ValueError(f"unknown stream {head!r}; use stream:temporal or stream:diverse "
+                         "(optionally =SHIFT,SHIFT,... and, for diverse, @BLOCK)")
+    if has_list:
+        specs = [m.strip() for m in members.split(",") if m.strip()]
+    else:
+        specs = list((DEFAULT_TEMPORAL if kind == "temporal" else DEFAULT_DIVERSE)[modality])
+    if any(s.startswith("stream:") for s in specs):
+        raise ValueError(f"{spec!r}: streams cannot be nested")
+    shifts = [build_shift(s, modality, seed, semantic_filter) for s in specs]
+    if kind == "temporal":
+        if block_text:
+            raise ValueError(f"{spec!r}: @BLOCK applies to diverse streams only")
+        return TemporalStream(spec, shifts)
+    try:
+        block = int(block_text) if block_text else DEFAULT_BLOCK
+    except ValueError:
+        raise ValueError(f"{spec!r}: block size must be an integer, got {block_text!r}") from None
+    return DiverseStream(spec, shifts, block=block, seed=seed)
