@@ -9,6 +9,15 @@ from .base import AdaptConfig, Method, NonFiniteLossError
 # name -> "module:Class" (imported on first use, so a method's optional dependencies stay optional)
 METHODS: dict[str, str] = {
     "source": ".source:Source",
+    "tent": ".tent:Tent",
+    "eata": ".eata:EATA",
+    "sar": ".sar:SAR",
+    "read": ".read:READ",
+    "deyo": ".deyo:DeYO",
+    "shot": ".shot:SHOT",
+    "tcr": ".tcr:TCR",
+    "tcr-free": ".tcr_free:TCRFree",
+    "rest": ".rest:REST",
 }
 
 

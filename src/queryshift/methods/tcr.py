@@ -1,0 +1,53 @@
+"""``tcr``: TCR (Li et al., ICLR 2025), spec §2.
+
+Per step: ``Q`` query embeddings, ``S = Q G^T`` (returned as scores, raw cosine), candidates
+``g~_i = G[argmax_j S_ij]``, in-batch logits ``Q G~^T / tau`` and their entropies ``h``. At step 0 of
+the first ``queue_batches`` batches the source-like queue takes the ``int(con_ratio * B)`` samples with
+the smallest indicator (``components.SourceLikeQueue``). Loss ``L_REM + L_UNI + L_EMG`` (weights 1):
+noise-robust entropy with threshold ``E_m`` = max queue entropy, centre-uniformity with ``t``, and
+``(Delta(Q, G~) - Delta_queue)^2``.
+
+Defaults (spec §2.6): ``tau`` 0.02 on every dataset (the TCR code skips the dataset table for TCR;
+a config may still set another value through ``hparams``, spec §7.1),
+``con_ratio`` 0.3, ``queue_size`` 64, ``queue_batches`` 10, ``t`` 0.1, ``rem_eps`` 1e-3.
+
+Deviations: the queue constants are hyper-parameters (the TCR code ties them to B = 64); the defaults
+reproduce it at B = 64. Empty selection: when no query has ``h <= E_m`` the TCR code's REM is the mean of
+an empty set (NaN, then NaN parameters); here the whole update is skipped (loss None ->
+``Method.update`` logs ``skipped: empty``); the same when the queue is still empty (the TCR code would
+fail; it cannot happen with the defaults since the queue is filled before its first use).
+"""
+
+from __future__ import annotations
+
+from . import components as C
+from .base import Method
+
+
+class TCR(Method):
+    name = "tcr"
+    defaults = {
+        "tau": 0.02, "con_ratio": 0.3, "queue_size": 64, "queue_batches": 10, "t": 0.1, "rem_eps": 1e-3,
+    }
+    state_attrs = ("queue",)
+
+    def init_state(self):
+        self.queue = C.SourceLikeQueue(self.hp["queue_size"], self.hp["con_ratio"], self.hp["queue_batches"])
+
+    def forward_and_adapt(self, query_batch, step):
+        hp = self.hp
+        q = self.encode(query_batch)
+        scores = q @ self.gallery.T
+        g, _ = C.candidates(scores, self.gallery)
+        ent = C.entropy(C.inbatch_logits(q, g, hp["tau"]))
+        self.queue.update(q, g, ent, self.batch_index, step)
+        l_rem, sel = C.rem_loss(ent, self.queue.max_entropy, hp["rem_eps"])
+        l_uni = C.uniformity_loss(q, hp["t"])
+        info = {"n_selected": int(sel.sum()), "queue_len": len(self.queue), "l_uni": C.scalar(l_uni)}
+        loss = None
+        if l_rem is not None:  # the guard: TCR's empty REM is NaN
+            l_gap = C.gap_loss(q, g, self.queue.gap)
+            loss = l_rem + l_uni + l_gap
+            info.update(l_rem=C.scalar(l_rem), l_gap=C.scalar(l_gap))
+        self.update(loss, info)
+        return scores.detach(), info
