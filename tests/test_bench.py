@@ -1,0 +1,40 @@
+import json
+import os
+
+import pytest
+
+from queryshift.cli import main as cli_main
+from queryshift.commands import bench
+from tests.helpers import make_karpathy
+
+SUITES = os.path.join(os.path.dirname(__file__), "..", "configs", "suites")
+
+
+@pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(SUITES) if f.endswith(".yaml")))
+def test_every_suite_plans(name, monkeypatch):
+    monkeypatch.chdir(os.path.join(SUITES, "..", ".."))
+    parser = __import__("queryshift.cli", fromlist=["build_parser"]).build_parser()
+    args = parser.parse_args(["bench", "--suite", name, "--out", "unused"])
+    tables = bench.plan(args)
+    assert tables and tables[0]["runs"]
+    for labels, cfg in tables[0]["runs"]:
+        assert cfg.method and cfg.direction in ("i2t", "t2i")
+
+
+def test_bench_grid_writes_tables_and_reuses_runs(tmp_path, capsys):
+    data = make_karpathy(tmp_path / "d", n_images=6, captions=2)
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", "openclip:qs-tiny/random", "--data", data, "--image-root", str(tmp_path / "d"),
+            "--methods", "source,tent", "--shifts", "clean,gaussian_noise:5,RandomCharAug_swap:5",
+            "--batch-size", "4", "--steps", "1", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+            "--no-progress"]
+    assert cli_main(argv) == 0
+    md = (out / "results.md").read_text()
+    assert "| method | i2t clean | i2t gaussian_noise:5 | t2i clean | t2i RandomCharAug_swap:5 | avg |" in md
+    assert "| tent |" in md and (out / "grid.png").stat().st_size > 1000
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 8  # image corruptions skip t2i and text corruptions skip i2t
+    stamp = {p: p.stat().st_mtime for p in out.glob("runs/grid/*/result.json")}
+    assert cli_main(argv) == 0  # a second call reuses every finished run
+    assert {p: p.stat().st_mtime for p in out.glob("runs/grid/*/result.json")} == stamp
+    capsys.readouterr()
