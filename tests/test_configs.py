@@ -140,9 +140,15 @@ published: {tent: 1.5}
 
 def test_suite_shifts_are_known_corruptions():
     registry = pytest.importorskip("queryshift.shifts.registry")
+    from queryshift import shifts
+
     for path in SUITES:
         for run in load_suite(path)[1]:
+            modality = "image" if run["direction"] == "i2t" else "text"
             name, _, level = (run.get("shift") or "").partition(":")
+            if os.path.basename(path).startswith("synthetic"):
+                shifts.build(run.get("shift"), modality)  # offline suites: every shift resolves here
+                continue  # the paper-row checks below do not apply to them
             if not name:
                 continue
             if run["direction"] == "i2t":
