@@ -12,26 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import DualEncoder, l2_normalize
-from .hf_blip import from_pretrained, square_transform
+from ._hf import HFDualEncoder, from_pretrained
+from .base import l2_normalize
 
 
-class HFCLIPEncoder(DualEncoder):
+class HFCLIPEncoder(HFDualEncoder):
     def __init__(self, model: nn.Module, tokenizer):
-        super().__init__()
-        self.model = model
-        self._tokenizer = tokenizer
-        self.max_tokens = int(model.config.text_config.max_position_embeddings)
-        self.image_size = int(model.config.vision_config.image_size)
-        self._transform, self.preprocess_id = square_transform(self.image_size)
-
-    def preprocess(self, image) -> torch.Tensor:
-        return self._transform(image.convert("RGB"))
-
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self._tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens,
-                              return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        super().__init__(model, tokenizer, int(model.config.text_config.max_position_embeddings),
+                         int(model.config.vision_config.image_size))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.model.vision_model(pixel_values=images).pooler_output
