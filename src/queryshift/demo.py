@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     tables = build_tables(names, args.max_queries, args.cache_dir)
     records = bench.execute(tables, args.out)
     command = "python -m queryshift.demo " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(bench.report(tables, records, args.out, "queryshift demo: shapes-clip under query shift", command.strip()))
+    print(bench.report(tables, records, args.out, "queryshift demo: shapes-clip under query shift",
+                       command.strip()))
     print(f"demo finished in {time.time() - start:.0f} s; results in {args.out}/ (results.md, results.json, demo.png)")
     return 0
 
