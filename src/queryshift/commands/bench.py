@@ -97,13 +97,14 @@ def plan(args) -> list[dict[str, Any]]:
 def _fits(shift: str, direction: str) -> bool:
     from .. import shifts
 
+    spec = None if shift == "clean" else shift
+    modality, other = ("image", "text") if direction == "i2t" else ("text", "image")
     try:
-        shifts.build(None if shift == "clean" else shift, "image" if direction == "i2t" else "text")
+        shifts.build(spec, modality)
         return True
-    except ValueError as err:
-        if "queries here are" in str(err):
-            return False
-        raise
+    except ValueError:
+        shifts.build(spec, other)  # a shift valid for neither modality re-raises its own error here
+        return False
 
 
 def _description(path: str) -> str:
