@@ -17,7 +17,7 @@ def test_every_suite_plans(name, monkeypatch):
     args = parser.parse_args(["bench", "--suite", name, "--out", "unused"])
     tables = bench.plan(args)
     assert tables and tables[0]["runs"]
-    for labels, cfg in tables[0]["runs"]:
+    for _labels, cfg in tables[0]["runs"]:
         assert cfg.method and cfg.direction in ("i2t", "t2i")
 
 
@@ -38,3 +38,15 @@ def test_bench_grid_writes_tables_and_reuses_runs(tmp_path, capsys):
     assert cli_main(argv) == 0  # a second call reuses every finished run
     assert {p: p.stat().st_mtime for p in out.glob("runs/grid/*/result.json")} == stamp
     capsys.readouterr()
+
+
+def test_parallel_jobs_match_serial(tmp_path):
+    data = make_karpathy(tmp_path / "d", n_images=6, captions=2)
+    common = ["bench", "--model", "openclip:qs-tiny/random", "--data", data, "--image-root", str(tmp_path / "d"),
+              "--methods", "source,tent", "--directions", "i2t", "--batch-size", "4", "--steps", "1",
+              "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert cli_main(common + ["--out", str(tmp_path / "serial")]) == 0
+    assert cli_main(common + ["--out", str(tmp_path / "parallel"), "--jobs", "2"]) == 0
+    serial = json.loads((tmp_path / "serial" / "results.json").read_text())["runs"]
+    parallel = json.loads((tmp_path / "parallel" / "results.json").read_text())["runs"]
+    assert [(r["labels"], r["r1"], r["map"]) for r in serial] == [(r["labels"], r["r1"], r["map"]) for r in parallel]

@@ -11,6 +11,7 @@ Finished runs are reused, so an interrupted demo continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -44,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", help="comma-separated (default: every registered method)")
     p.add_argument("--max-queries", type=int, help="only the first N queries of each stream (quick check)")
     p.add_argument("--cache-dir", help="gallery embedding cache")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs in parallel, one torch thread each (default: 2, or 1 on a single core)")
     args = p.parse_args(argv)
     names = args.methods.split(",") if args.methods else methods.available()
     start = time.time()
     tables = build_tables(names, args.max_queries, args.cache_dir)
-    records = bench.execute(tables, args.out)
+    records = bench.execute(tables, args.out, jobs=args.jobs)
     command = "python -m queryshift.demo " + " ".join(argv if argv is not None else sys.argv[1:])
     print(bench.report(tables, records, args.out, "queryshift demo: shapes-clip under query shift",
                        command.strip()))

@@ -9,6 +9,7 @@ only does the missing work. Output: ``OUT/results.json``, ``OUT/results.md`` and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -35,6 +36,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", help="YAML run settings shared by an ad-hoc grid")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--title", default="queryshift benchmark", help="heading of results.md")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each (default 1)")
     p.add_argument("--report", help="write the Markdown report here instead of OUT/results.md (PNGs beside it)")
     p.add_argument("--notes", help="a Markdown file included after the report's header (analysis, caveats)")
     add_run_options(p)
@@ -126,33 +128,47 @@ def _run_dir(out: str, table: str, labels: dict[str, str]) -> str:
     return os.path.join(out, "runs", table, name)
 
 
-def execute(tables, out: str, progress: bool = True) -> list[dict[str, Any]]:
+def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any]:
+    """One grid point: read a finished result back, resume an interrupted one, or run it."""
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path, encoding="utf-8") as f:
+            return json.load(f)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg.out = run_dir
+    cfg.resume = os.path.exists(os.path.join(run_dir, "log.jsonl"))
+    cfg.progress = False
+    return run(cfg)
+
+
+def execute(tables, out: str, progress: bool = True, jobs: int = 1) -> list[dict[str, Any]]:
+    """Run every grid point; with ``jobs`` > 1 in that many worker processes of one torch thread each
+    (on a small CPU, one thread per run beats several runs fighting over every core)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     from tqdm.auto import tqdm
 
-    from ..engine import _json_safe  # noqa: F401  (keeps JSON of results consistent with the engine)
-
-    records = []
-    total = sum(len(t["runs"]) for t in tables)
-    bar = tqdm(total=total, desc="bench", disable=not progress)
-    for t in tables:
-        for labels, cfg in t["runs"]:
-            run_dir = _run_dir(out, t["name"], labels)
+    points = [(t["name"], labels, cfg, _run_dir(out, t["name"], labels)) for t in tables for labels, cfg in t["runs"]]
+    bar = tqdm(total=len(points), desc="bench", disable=not progress)
+    results: dict[int, dict] = {}
+    if jobs <= 1:
+        for i, (_, labels, cfg, run_dir) in enumerate(points):
             bar.set_postfix_str(" ".join(labels.values()))
-            result_path = os.path.join(run_dir, "result.json")
-            if os.path.exists(result_path):
-                import json
-
-                with open(result_path, encoding="utf-8") as f:
-                    result = json.load(f)
-            else:
-                cfg.out = run_dir
-                cfg.resume = os.path.exists(os.path.join(run_dir, "log.jsonl"))
-                cfg.progress = False
-                result = run(cfg)
-            records.append({"table": t["name"], "labels": labels, **{k: result[k] for k in _SLIM if k in result}})
+            results[i] = _run_one(cfg, run_dir, None)
             bar.update(1)
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, cfg, run_dir, 1): i for i, (_, _, cfg, run_dir) in enumerate(points)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
     bar.close()
-    return records
+    return [{"table": name, "labels": labels, **{k: results[i][k] for k in _SLIM if k in results[i]}}
+            for i, (name, labels, _, _) in enumerate(points)]
 
 
 def _metric(record: dict, metric: str):
@@ -262,7 +278,7 @@ def report(tables, records, out: str, title: str, command: str, report_path: str
 def main(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     tables = plan(args)
-    records = execute(tables, args.out, progress=args.progress is not False)
+    records = execute(tables, args.out, progress=args.progress is not False, jobs=args.jobs)
     command = "queryshift " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
         "queryshift") else " ".join(shlex.quote(a) for a in sys.argv)
     print(report(tables, records, args.out, args.title, command, args.report, args.notes))
