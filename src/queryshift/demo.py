@@ -19,23 +19,29 @@ from . import methods
 from .commands import bench
 from .engine import RunConfig
 
-# one image corruption of each family, an unseen image style; char-, word-level and unseen caption styles
-I2T_SHIFTS = ["clean", "gaussian_noise:5", "defocus_blur:5", "fog:5", "pixelate:5", "style:outline"]
-T2I_SHIFTS = ["clean", "RandomCharAug_swap:5", "OcrAug:5", "rd:7", "style:synonyms"]
+# a noise, a blur and an unseen image style; a char-level corruption and an unseen caption style
+I2T_SHIFTS = ["clean", "gaussian_noise:5", "defocus_blur:5", "style:outline"]
+T2I_SHIFTS = ["clean", "RandomCharAug_swap:5", "style:synonyms"]
+# all 1,000 image queries; the first 1,000 of the 5,000 shuffled caption queries, so the demo fits in
+# ten minutes on two cores (`queryshift bench --suite synthetic` streams them all)
+T2I_QUERIES = 1000
 
 
 def build_tables(method_names: list[str], max_queries: int | None, cache_dir: str | None) -> list[dict]:
     runs = []
     for method in method_names:
         for direction, shift_list in (("i2t", I2T_SHIFTS), ("t2i", T2I_SHIFTS)):
+            limit = max_queries or (T2I_QUERIES if direction == "t2i" else None)
             for shift in shift_list:
                 cfg = RunConfig(model="shapes-clip", data="shapes", direction=direction, method=method,
-                                shift=None if shift == "clean" else shift, max_queries=max_queries,
+                                shift=None if shift == "clean" else shift, max_queries=limit,
                                 cache_dir=cache_dir, progress=False)
                 runs.append(({"method": method, "direction": direction, "shift": shift}, cfg))
     return [{"name": "demo", "runs": runs, "published": {},
              "description": "R@1 of the shipped shapes-clip model on the synthetic shapes test split "
-                            "(1,000 images, 5,000 captions), batch 64, 3 steps per batch, seed 42.",
+                            "(1,000 image queries against 5,000 captions; the first 1,000 of the 5,000 "
+                            "shuffled caption queries against 1,000 images), batch 64, 3 steps per batch, "
+                            "seed 42.",
              "hints": {"rows": "method", "columns": ["direction", "shift"], "metric": "r1"}}]
 
 
