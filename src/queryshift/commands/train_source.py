@@ -1,0 +1,164 @@
+"""``queryshift train-source``: train the small open_clip CLIP of the shapes world from scratch.
+
+This is how the shipped ``shapes-clip`` checkpoint was made: CLIP's symmetric contrastive loss on the
+clean ``shapes:train`` split, AdamW with a linear warm-up and cosine decay. No augmentation, and no
+domain style or corruption ever: those are the query shifts the model is later evaluated under.
+Everything (model init, batch order, caption choice) follows from ``--seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shapes-clip.pt")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-source", help="train the shapes-world CLIP (the shipped shapes-clip model) from scratch",
+        description="Train a small open_clip CLIP on the synthetic shapes world and write an fp16 checkpoint "
+                    "plus <out>.json with the training configuration and clean test recall.")
+    p.add_argument("--arch", default="qs-shapes", help="open_clip architecture (default qs-shapes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
+    p.add_argument("--steps", type=int, default=2600, help="total optimisation steps (default 2600, as shipped)")
+    p.add_argument("--epochs", type=float, help="passes over the training images (overrides --steps)")
+    p.add_argument("--train-images", dest="train_images", type=int, default=20_000,
+                   help="first N images of shapes:train (default 20000)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=128, help="default 128")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.1, help="default 0.1")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
+    p.add_argument("--eval-every", dest="eval_every", type=int, default=0,
+                   help="every N steps, print clean R@1 on shapes:val (default: only at the end)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint path (default: the shipped asset)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (results are bitwise reproducible for a fixed count)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=main)
+
+
+@torch.no_grad()
+def evaluate_clean(model, dataset, batch_size: int = 250) -> dict[str, dict[str, float]]:
+    """Clean R@1/5/10 and mAP of a DualEncoder in both directions (spec §1.10), via its own preprocessing."""
+    from ..metrics import batch_ranks, retrieval_metrics
+
+    model.eval()
+    images, texts = [], []
+    for start in range(0, len(dataset.images), batch_size):
+        stop = min(start + batch_size, len(dataset.images))
+        batch = torch.stack([model.preprocess(dataset.load_image(i)) for i in range(start, stop)])
+        images.append(model.encode_image(batch))
+    for start in range(0, len(dataset.texts), batch_size):
+        texts.append(model.encode_text(model.tokenize(dataset.texts[start:start + batch_size])))
+    images, texts = torch.cat(images), torch.cat(texts)
+    out = {}
+    for direction, scores, relevant in (("i2t", images @ texts.T, dataset.img2txt),
+                                        ("t2i", texts @ images.T, dataset.txt2img)):
+        ranks, aps = batch_ranks(scores, relevant)
+        out[direction] = retrieval_metrics(ranks, aps)
+    return out
+
+
+def _render_split(split: str, n: int):
+    """uint8 images (n, 3, 64, 64) and the five captions of each image, for fast batching."""
+    from ..data.retrieval import pre_caption
+    from ..data.shapes import render, sample_scene
+
+    pixels = np.empty((n, 64, 64, 3), dtype=np.uint8)
+    captions = []
+    for i in range(n):
+        scene = sample_scene(split, i)
+        pixels[i] = np.asarray(render(scene))
+        captions.extend(pre_caption(c) for c in scene.captions)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+
+    from ..data.shapes import CAPTIONS_PER_IMAGE, load_shapes
+    from ..models import openclip as backend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    started = time.time()
+
+    open_clip = backend._open_clip()
+    model = open_clip.create_model(args.arch, pretrained=None, precision="fp32")
+    encoder = backend.load(f"{args.arch}/random")  # only for its preprocessing constants and tokenizer
+    mean = torch.tensor(encoder._transform.transforms[-1].mean).view(1, 3, 1, 1)
+    std = torch.tensor(encoder._transform.transforms[-1].std).view(1, 3, 1, 1)
+
+    pixels, captions = _render_split("train", args.train_images)
+    tokens = encoder.tokenize(captions)
+    print(f"rendered {len(pixels)} training images, {len(captions)} captions in {time.time() - started:.0f}s")
+
+    steps_per_epoch = len(pixels) // args.batch_size
+    total = int(round(args.epochs * steps_per_epoch)) if args.epochs else args.steps
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    loss_fn = open_clip.ClipLoss()
+    generator = torch.Generator().manual_seed(args.seed)
+    val = load_shapes("val") if args.eval_every else None
+
+    order = torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(total), desc="train-source", disable=not args.progress, mininterval=5)
+    for step in bar:
+        if len(order) < args.batch_size:
+            order = torch.randperm(len(pixels), generator=generator)
+        idx, order = order[:args.batch_size], order[args.batch_size:]
+        pick = torch.randint(CAPTIONS_PER_IMAGE, (len(idx),), generator=generator)
+        images = (pixels[idx].float() / 255 - mean) / std
+        texts = tokens[idx * CAPTIONS_PER_IMAGE + pick]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, total, args.lr, args.warmup)
+        model.train()
+        img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(texts), dim=-1)
+        loss = loss_fn(img, txt, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
+            encoder.model = model
+            r = evaluate_clean(encoder, val)
+            print(f"step {step + 1}: val i2t R@1 {r['i2t']['r1']:.1f}  t2i R@1 {r['t2i']['r1']:.1f}", flush=True)
+
+    minutes = (time.time() - started) / 60
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.save({k: v.detach().half() for k, v in model.state_dict().items()}, args.out)
+    encoder = backend.load(f"{args.arch}@{args.out}")  # evaluate exactly what was written
+    result = evaluate_clean(encoder, load_shapes("test"))
+    info = {
+        "arch": args.arch, "config": open_clip.get_model_config(args.arch), "data": f"shapes:train:{args.train_images}",
+        "seed": args.seed, "steps": total, "batch_size": args.batch_size, "lr": args.lr,
+        "weight_decay": args.weight_decay, "warmup": args.warmup, "threads": torch.get_num_threads(),
+        "train_minutes": round(minutes, 1), "torch": torch.__version__, "open_clip": open_clip.__version__,
+        "checkpoint_bytes": os.path.getsize(args.out), "clean_test": result,
+    }
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"wrote {args.out} ({info['checkpoint_bytes'] / 1e6:.1f} MB) after {minutes:.1f} min")
+    for direction in ("i2t", "t2i"):
+        m = result[direction]
+        print(f"clean {direction}: R@1 {m['r1']:.2f}  R@5 {m['r5']:.2f}  R@10 {m['r10']:.2f}")
+    return 0
+
