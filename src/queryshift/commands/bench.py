@@ -167,8 +167,21 @@ def execute(tables, out: str, progress: bool = True, jobs: int = 1) -> list[dict
                 results[futures[future]] = future.result()
                 bar.update(1)
     bar.close()
-    return [{"table": name, "labels": labels, **{k: results[i][k] for k in _SLIM if k in results[i]}}
-            for i, (name, labels, _, _) in enumerate(points)]
+    return [{"table": name, "labels": labels, **{k: results[i][k] for k in _SLIM if k in results[i]},
+             "log_means": log_means(run_dir)} for i, (name, labels, _, run_dir) in enumerate(points)]
+
+
+def log_means(run_dir: str) -> dict[str, float]:
+    """Mean over batches of every numeric per-batch log value (losses, n_selected, REST's diagnostics)."""
+    values: dict[str, list[float]] = {}
+    path = os.path.join(run_dir, "log.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                for k, v in json.loads(line).items():
+                    if k not in ("batch", "n", "seconds") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        values.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in values.items()}
 
 
 def _metric(record: dict, metric: str):
@@ -190,6 +203,8 @@ def render_table(t: dict, records: list[dict], metric: str = "r1") -> tuple[str,
     cols_axes = hints.get("columns") or [a for a in mine[0]["labels"] if a != rows_axis]
     cols_axes = [cols_axes] if isinstance(cols_axes, str) else list(cols_axes)
     rows, cols, cell = [], [], {}
+    if metric != "r1" and "." in metric:  # a diagnostic only some methods log: keep the rows that have it
+        mine = [r for r in mine if _metric(r, metric) is not None] or mine
     for r in mine:
         row = r["labels"].get(rows_axis, "")
         col = " ".join(r["labels"][a] for a in cols_axes if a in r["labels"])
