@@ -218,7 +218,8 @@ def render_table(t: dict, records: list[dict], metric: str = "r1") -> tuple[str,
         known = [v for v in vals if isinstance(v, (int, float))]
         averages[row] = sum(known) / len(known) if known and len(known) == len(vals) else None
     # every row against the unadapted model, when the table has one
-    has_delta = "source" in rows and len(rows) > 1 and averages["source"] is not None
+    has_delta = metric in ("r1", "r5", "r10", "r_mean", "map") and "source" in rows and len(rows) > 1 \
+        and averages["source"] is not None
     head = [rows_axis, *cols, "avg"] + (["Δ avg vs source"] if has_delta else []) + (
         ["published avg"] if has_pub else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
