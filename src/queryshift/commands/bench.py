@@ -242,7 +242,7 @@ def plot_table(grid: dict, title: str, path: str) -> None:
 
     rows, cols = grid["rows"], grid["cols"]
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cols) * max(1, len(rows) / 3) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.6 * len(cols) + 3)), 5))
     x = np.arange(len(cols))
     for i, row in enumerate(rows):
         vals = [grid["cell"].get((row, c)) for c in cols]
