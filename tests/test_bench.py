@@ -37,7 +37,9 @@ def test_bench_grid_writes_tables_and_reuses_runs(tmp_path, capsys):
     stamp = {p: p.stat().st_mtime for p in out.glob("runs/grid/*/result.json")}
     assert cli_main(argv) == 0  # a second call reuses every finished run
     assert {p: p.stat().st_mtime for p in out.glob("runs/grid/*/result.json")} == stamp
-    capsys.readouterr()
+    # the same grid with other settings must not reuse those results silently
+    assert cli_main([a if a != "1" else "2" for a in argv]) == 2  # --steps 2
+    assert "holds a finished run with other settings (steps)" in capsys.readouterr().err
 
 
 def test_parallel_jobs_match_serial(tmp_path):

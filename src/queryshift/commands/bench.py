@@ -9,6 +9,7 @@ only does the missing work. Output: ``OUT/results.json``, ``OUT/results.md`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import shlex
 import sys
 from typing import Any
 
-from ..engine import RunConfig, run, write_json
+from ..engine import _RESUME_FREE, RunConfig, run, write_json
 from ..runinfo import git_commit, versions
 from .run import add_run_options, config_from_args
 
@@ -133,7 +134,13 @@ def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         with open(result_path, encoding="utf-8") as f:
-            return json.load(f)
+            result = json.load(f)
+        current = dataclasses.asdict(cfg)
+        changed = [k for k in current if k not in _RESUME_FREE and result["config"].get(k) != current[k]]
+        if changed:  # a suite edited since: never report a stale run under the new settings
+            raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(changed)}); "
+                             f"remove it or choose another --out")
+        return result
     if threads:
         import torch
 
