@@ -70,11 +70,9 @@ def naive_full_matrix(cfg: engine.RunConfig, dataset: data.RetrievalDataset) -> 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model)
     gallery = engine.encode_gallery(model, dataset, "image", cfg)
-    with torch.no_grad():
-        queries = torch.cat([model.encode_text(model.tokenize(dataset.texts[i:i + 512]))
-                             for i in range(0, len(dataset.texts), 512)])
-        scores = queries @ gallery.T
-        ranks, aps = batch_ranks(scores, dataset.txt2img)
+    queries = engine.encode_all(model, dataset, "text", batch_size=512)
+    scores = queries @ gallery.T
+    ranks, aps = batch_ranks(scores, dataset.txt2img)
     return retrieval_metrics(ranks, aps)["r1"]
 
 

@@ -155,6 +155,25 @@ def _weights_digest(model: DualEncoder) -> str:
     return h.hexdigest()[:16]
 
 
+@torch.no_grad()
+def encode_all(model: DualEncoder, dataset: RetrievalDataset, modality: str, batch_size: int = 256,
+               max_words: int = 30, num_workers: int = 0, device: str = "cpu", progress: bool = False):
+    """Every clean image or text of ``dataset`` through ``model`` in dataset order (no cache, no shift)."""
+    n = len(dataset.images) if modality == "image" else len(dataset.texts)
+    items = QueryItems(dataset, modality, list(range(n)), shifts.QueryShift(), 0, model, max_words)
+    batches = stream_batches(n, batch_size)
+    chunks = []
+    for _, _, batch in tqdm(_loader(items, batches, num_workers), total=len(batches),
+                            desc=f"encoding {modality}s", disable=not progress, leave=False):
+        chunks.append(model.encode(modality, _to_model_input(model, modality, batch, device)).float())
+    return torch.cat(chunks)
+
+
+def stream_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Consecutive stream positions 0..n-1 in batches; the last batch may be smaller (drop_last false)."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
 def default_cache_dir() -> str:
     return os.environ.get("QUERYSHIFT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "queryshift"))
 
@@ -172,15 +191,8 @@ def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str,
             return torch.load(path, map_location=cfg.device)
         except Exception:  # a truncated cache file is rebuilt rather than trusted
             os.remove(path)
-    n = len(dataset.images) if modality == "image" else len(dataset.texts)
-    order = list(range(n))
-    items = QueryItems(dataset, modality, order, shifts.QueryShift(), cfg.seed, model, cfg.max_words)
-    batches = [order[i:i + cfg.gallery_batch_size] for i in range(0, n, cfg.gallery_batch_size)]
-    chunks = []
-    for _, _, batch in tqdm(_loader(items, batches, cfg.num_workers), total=len(batches),
-                            desc=f"gallery ({modality})", disable=not cfg.progress, leave=False):
-        chunks.append(model.encode(modality, _to_model_input(model, modality, batch, cfg.device)).float())
-    gallery = torch.cat(chunks)
+    gallery = encode_all(model, dataset, modality, cfg.gallery_batch_size, cfg.max_words, cfg.num_workers,
+                         cfg.device, cfg.progress)
     if not torch.isfinite(gallery).all() or (gallery.norm(dim=1) == 0).any():
         raise FloatingPointError("gallery embeddings contain NaN/inf or all-zero rows")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -268,7 +280,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     method = methods.get(cfg.method)(model, gallery, modality, cfg.adapt_config())
     shift = shifts.build(cfg.shift, modality, cfg.seed)
     order = query_order(n_queries, cfg.seed, cfg.shuffle, cfg.max_queries)
-    batches = [list(range(i, min(i + cfg.batch_size, len(order)))) for i in range(0, len(order), cfg.batch_size)]
+    batches = stream_batches(len(order), cfg.batch_size)
 
     done, rows = 0, []
     if out and cfg.resume and os.path.exists(state_path):
@@ -359,7 +371,7 @@ def clean_forgetting(method, dataset, modality, relevance, cfg: RunConfig) -> di
     """R@1 on clean queries with the adapted parameters minus R@1 with the source parameters."""
     order = query_order(len(relevance), cfg.seed, cfg.shuffle, cfg.max_queries)
     items = QueryItems(dataset, modality, order, shifts.QueryShift(), cfg.seed, method.model, cfg.max_words)
-    batches = [list(range(i, min(i + cfg.batch_size, len(order)))) for i in range(0, len(order), cfg.batch_size)]
+    batches = stream_batches(len(order), cfg.batch_size)
     after, source = [], []
     for _, indices, batch in tqdm(_loader(items, batches, cfg.num_workers), total=len(batches),
                                   desc="clean queries after adaptation", disable=not cfg.progress, leave=False):

@@ -45,17 +45,12 @@ def add_parser(subparsers) -> None:
 @torch.no_grad()
 def evaluate_clean(model, dataset, batch_size: int = 250) -> dict[str, dict[str, float]]:
     """Clean R@1/5/10 and mAP of a DualEncoder in both directions (spec §1.10), via its own preprocessing."""
+    from ..engine import encode_all
     from ..metrics import batch_ranks, retrieval_metrics
 
     model.eval()
-    images, texts = [], []
-    for start in range(0, len(dataset.images), batch_size):
-        stop = min(start + batch_size, len(dataset.images))
-        batch = torch.stack([model.preprocess(dataset.load_image(i)) for i in range(start, stop)])
-        images.append(model.encode_image(batch))
-    for start in range(0, len(dataset.texts), batch_size):
-        texts.append(model.encode_text(model.tokenize(dataset.texts[start:start + batch_size])))
-    images, texts = torch.cat(images), torch.cat(texts)
+    images = encode_all(model, dataset, "image", batch_size)
+    texts = encode_all(model, dataset, "text", batch_size)
     out = {}
     for direction, scores, relevant in (("i2t", images @ texts.T, dataset.img2txt),
                                         ("t2i", texts @ images.T, dataset.txt2img)):

@@ -7,22 +7,8 @@ import os
 
 import torch
 from torch import nn
-from torchvision import transforms
 
-from .base import DualEncoder, WeightsNotFoundError
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def square_transform(size: int):
-    """-> (transform, preprocess_id): square bicubic resize, no crop, CLIP normalisation (spec §4.1)."""
-    tf = transforms.Compose([
-        transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
-    return tf, f"resize{size}-bicubic-nocrop-mean{CLIP_MEAN}-std{CLIP_STD}"
+from .base import DualEncoder, WeightsNotFoundError, square_transform
 
 
 def from_pretrained(cls, spec: str, backend: str, device: str):

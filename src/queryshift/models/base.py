@@ -9,8 +9,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision import transforms
 
 TOWERS = ("image", "text")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def square_transform(size: int, mean=CLIP_MEAN, std=CLIP_STD):
+    """-> (transform, preprocess_id): square bicubic resize with no crop, then normalisation, as the TCR code
+    preprocesses every backbone (spec §4.1); the id is part of the gallery cache key."""
+    tf = transforms.Compose([
+        transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+    return tf, f"resize{size}-bicubic-nocrop-mean{tuple(mean)}-std{tuple(std)}"
 
 
 class WeightsNotFoundError(FileNotFoundError):

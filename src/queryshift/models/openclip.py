@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import transforms
 
-from .base import DualEncoder, WeightsNotFoundError, l2_normalize
+from .base import CLIP_MEAN, CLIP_STD, DualEncoder, WeightsNotFoundError, l2_normalize, square_transform
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 _registered = False
@@ -40,14 +39,7 @@ class OpenCLIPEncoder(DualEncoder):
         self.arch = arch
         self._tokenizer = tokenizer
         self.image_size = image_size
-        self._transform = transforms.Compose(
-            [
-                transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.ToTensor(),
-                transforms.Normalize(mean, std),
-            ]
-        )
-        self.preprocess_id = f"resize{image_size}-bicubic-nocrop-mean{tuple(mean)}-std{tuple(std)}"
+        self._transform, self.preprocess_id = square_transform(image_size, mean, std)
 
     def preprocess(self, image) -> torch.Tensor:
         return self._transform(image.convert("RGB"))
@@ -113,7 +105,7 @@ def load(spec: str, device: str = "cpu") -> OpenCLIPEncoder:
     cfg = open_clip.get_model_config(arch)
     size = cfg["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
-    mean = getattr(model.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-    std = getattr(model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN
+    std = getattr(model.visual, "image_std", None) or CLIP_STD
     tokenizer = open_clip.get_tokenizer(arch)
     return OpenCLIPEncoder(model, arch, tokenizer, int(size), mean, std).to(device)
