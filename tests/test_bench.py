@@ -40,6 +40,13 @@ def test_bench_grid_writes_tables_and_reuses_runs(tmp_path, capsys):
     # the same grid with other settings must not reuse those results silently
     assert cli_main([a if a != "1" else "2" for a in argv]) == 2  # --steps 2
     assert "holds a finished run with other settings (steps)" in capsys.readouterr().err
+    # nor the results of a source model that was retrained since (same name, other weights)
+    first = sorted(stamp)[0]
+    result = json.loads(first.read_text())
+    assert len(result["model_weights"]) == 16
+    first.write_text(json.dumps({**result, "model_weights": "0" * 16}))
+    assert cli_main(argv) == 2
+    assert "holds a finished run of other openclip:qs-tiny/random weights" in capsys.readouterr().err
 
 
 def test_parallel_jobs_match_serial(tmp_path):

@@ -109,6 +109,16 @@ def test_resume_refuses_changed_settings(karpathy, tmp_path, entropy_method):
         run(_cfg(karpathy, tmp_path, out=out, method="entropy-min", batch_size=2, resume=True))
 
 
+def test_resume_refuses_other_source_weights(karpathy, tmp_path, entropy_method):
+    out = tmp_path / "o"
+    result = run(_cfg(karpathy, tmp_path, out=str(out), method="entropy-min", batch_size=4))
+    state = torch.load(out / "state.pt", weights_only=False)
+    assert state["model_weights"] == result["model_weights"]
+    torch.save({**state, "model_weights": "0" * 16}, out / "state.pt")  # as if the checkpoint were retrained
+    with pytest.raises(ValueError, match="weights of .* changed"):
+        run(_cfg(karpathy, tmp_path, out=str(out), method="entropy-min", batch_size=4, resume=True))
+
+
 def test_only_query_tower_layernorms_move(karpathy, tmp_path, entropy_method):
     torch.manual_seed(0)
     model = load_model(MODEL)

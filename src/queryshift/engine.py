@@ -155,6 +155,16 @@ def _weights_digest(model: DualEncoder) -> str:
     return h.hexdigest()[:16]
 
 
+def _load_source(spec: str, seed: int, device: str = "cpu") -> DualEncoder:
+    torch.manual_seed(seed)  # random-init models (``/random``) must be identical across resumes and reruns
+    return load_model(spec, device)
+
+
+def source_weights(spec: str, seed: int, device: str = "cpu") -> str:
+    """Digest of the source weights a run of ``spec`` starts from (what a finished run records)."""
+    return _weights_digest(_load_source(spec, seed, device))
+
+
 @torch.no_grad()
 def encode_all(model: DualEncoder, dataset: RetrievalDataset, modality: str, batch_size: int = 256,
                max_words: int = 30, num_workers: int = 0, device: str = "cpu", progress: bool = False):
@@ -272,7 +282,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     bad_items: list[str] = []
     if cfg.skip_bad_images:
         dataset, bad_items = _skip_bad_images(dataset)
-    model = load_model(cfg.model, cfg.device)
+    model = _load_source(cfg.model, cfg.seed, cfg.device)
+    weights = _weights_digest(model)  # before any adaptation: which source weights this run started from
     modality, n_queries, relevance = dataset.query_items(cfg.direction)
     gallery_modality = "text" if modality == "image" else "image"
     gallery = encode_gallery(model, dataset, gallery_modality, cfg).to(cfg.device)
@@ -286,6 +297,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if out and cfg.resume and os.path.exists(state_path):
         state = torch.load(state_path, map_location=cfg.device, weights_only=False)
         _check_resumable(state["config"], cfg)
+        if state.get("model_weights", weights) != weights:
+            raise ValueError(f"cannot resume {out}: the weights of {cfg.model} changed since the run started")
         method.load_state_dict(state["method"])
         done = state["batches_done"]
         rows = _read_log(log_path, done)
@@ -315,7 +328,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 log_file.flush()
                 os.fsync(log_file.fileno())
                 _atomic_save({"config": dataclasses.asdict(cfg), "method": method.state_dict(),
-                              "batches_done": b + 1}, state_path)
+                              "model_weights": weights, "batches_done": b + 1}, state_path)
             progress.update(1)
             if b % 10 == 0 or b == len(batches) - 1:
                 progress.set_postfix(r1=f"{100 * np.mean([r < 1 for x in rows for r in x['ranks']]):.1f}")
@@ -325,6 +338,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             log_file.close()
 
     result = _summarise(cfg, rows, dataset, shift, bad_items, model)
+    result["model_weights"] = weights
     if cfg.eval_clean_after:
         result["forgetting"] = clean_forgetting(method, dataset, modality, relevance, cfg)
     result["seconds"] = round(time.time() - t_start, 2)

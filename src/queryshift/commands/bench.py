@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -129,6 +130,13 @@ def _run_dir(out: str, table: str, labels: dict[str, str]) -> str:
     return os.path.join(out, "runs", table, name)
 
 
+@functools.cache
+def _source_weights(model: str, seed: int, device: str) -> str:
+    from ..engine import source_weights
+
+    return source_weights(model, seed, device)
+
+
 def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any]:
     """One grid point: read a finished result back, resume an interrupted one, or run it."""
     result_path = os.path.join(run_dir, "result.json")
@@ -140,6 +148,9 @@ def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any
         if changed:  # a suite edited since: never report a stale run under the new settings
             raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(changed)}); "
                              f"remove it or choose another --out")
+        if "model_weights" in result and result["model_weights"] != _source_weights(cfg.model, cfg.seed, cfg.device):
+            raise ValueError(f"{run_dir} holds a finished run of other {cfg.model} weights (retrained or replaced "
+                             f"since); remove it or choose another --out")
         return result
     if threads:
         import torch
