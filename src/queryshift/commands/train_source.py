@@ -1,7 +1,8 @@
 """``queryshift train-source``: train the small open_clip CLIP of the shapes world from scratch.
 
 This is how the shipped ``shapes-clip`` checkpoint was made: CLIP's symmetric contrastive loss on the
-clean ``shapes:train`` split, AdamW with a linear warm-up and cosine decay. No augmentation, and no
+clean ``shapes:train`` split, AdamW with a linear warm-up and cosine decay. Half of each batch are images
+whose objects have the same colours as another image of the batch (hard pairs). No augmentation, and no
 domain style or corruption ever: those are the query shifts the model is later evaluated under.
 Everything (model init, batch order, caption choice) follows from ``--seed``.
 """
@@ -26,15 +27,16 @@ def add_parser(subparsers) -> None:
                     "plus <out>.json with the training configuration and clean test recall.")
     p.add_argument("--arch", default="qs-shapes", help="open_clip architecture (default qs-shapes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
-    p.add_argument("--steps", type=int, default=2600, help="total optimisation steps (default 2600, as shipped)")
+    p.add_argument("--steps", type=int, default=4000, help="total optimisation steps (default 4000, as shipped)")
     p.add_argument("--epochs", type=float, help="passes over the training images (overrides --steps)")
     p.add_argument("--train-images", dest="train_images", type=int, default=20_000,
                    help="first N images of shapes:train (default 20000)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=128, help="default 128")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.1, help="default 0.1")
-    p.add_argument("--hard-pairs", dest="hard_pairs", type=float, default=0.0,
-                   help="fraction of each batch that is a same-colour partner of another image in it (default 0)")
+    p.add_argument("--hard-pairs", dest="hard_pairs", type=float, default=0.5,
+                   help="fraction of each batch that is a same-colour partner of another image in it, 0-0.5 "
+                        "(default 0.5, as shipped)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
     p.add_argument("--eval-every", dest="eval_every", type=int, default=0,
                    help="every N steps, print clean R@1 on shapes:val (default: only at the end)")
