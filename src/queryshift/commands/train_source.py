@@ -63,7 +63,7 @@ def evaluate_clean(model, dataset, batch_size: int = 250) -> dict[str, dict[str,
     return out
 
 
-def _render_split(split: str, n: int):
+def render_split(split: str, n: int):
     """uint8 images (n, 3, 64, 64), the five captions of each image, and each image's colour group.
 
     The colour group (index of the sorted multiset of object colours) is what hard-pair batching matches on.
@@ -103,6 +103,55 @@ def hard_partners(anchors: torch.Tensor, groups: torch.Tensor, generator: torch.
     return order[pick]
 
 
+class CompactTokenTable:
+    """Train only the token-embedding rows the captions use.
+
+    The captions use a few dozen of the tokenizer's 49,408 tokens. Training a compact table of just those
+    rows is the same optimisation (the other rows get no gradient, so AdamW would only decay them) and
+    skips a dense 6.3M-row gradient and optimizer update every step. ``tokens`` are the captions in the
+    compact ids; :meth:`write_back` puts the trained rows into the full table (for evaluation and saving).
+    """
+
+    def __init__(self, model, tokens: torch.Tensor):
+        # torch.unique sorts, so end-of-text stays the largest id and CLIP's argmax pooling finds the same token
+        if model.text_pool_type != "argmax":
+            raise ValueError(f"a compact token table needs argmax text pooling, not {model.text_pool_type!r}")
+        self.model, self.full = model, model.token_embedding
+        self.used, self.tokens = torch.unique(tokens, return_inverse=True)
+        self.compact = torch.nn.Embedding.from_pretrained(self.full.weight[self.used].clone(), freeze=False)
+        self.swap_in()
+
+    def swap_in(self) -> None:
+        self.model.token_embedding = self.compact
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        self.full.weight[self.used] = self.compact.weight
+        self.model.token_embedding = self.full
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as CLIP trains it: betas 0.9/0.98, no decay on gains, biases and the temperature."""
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
+def clip_step(model, optimizer, loss_fn, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """One optimisation step of CLIP's symmetric contrastive loss; the temperature stays at most 100."""
+    model.train()
+    img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+    txt = torch.nn.functional.normalize(model.encode_text(texts), dim=-1)
+    loss = loss_fn(img, txt, model.logit_scale.exp())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss
+
+
 def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -127,24 +176,14 @@ def main(args) -> int:
     mean = torch.tensor(encoder._transform.transforms[-1].mean).view(1, 3, 1, 1)
     std = torch.tensor(encoder._transform.transforms[-1].std).view(1, 3, 1, 1)
 
-    pixels, captions, colour_groups = _render_split("train", args.train_images)
-    # The captions use a few dozen of the tokenizer's 49,408 tokens. Training a compact table of just those
-    # rows is the same optimisation (the other rows get no gradient, so AdamW would only decay them) and
-    # skips a dense 6.3M-row gradient and optimizer update every step; the rows go back in before saving.
-    # torch.unique sorts, so end-of-text stays the largest id and CLIP's argmax pooling finds the same token.
-    if model.text_pool_type != "argmax":
-        raise ValueError(f"train-source expects argmax text pooling, {args.arch} uses {model.text_pool_type!r}")
-    used_tokens, tokens = torch.unique(encoder.tokenize(captions), return_inverse=True)
-    full_embedding = model.token_embedding
-    model.token_embedding = torch.nn.Embedding.from_pretrained(full_embedding.weight[used_tokens].clone(), freeze=False)
+    pixels, captions, colour_groups = render_split("train", args.train_images)
+    table = CompactTokenTable(model, encoder.tokenize(captions))
+    tokens = table.tokens
     print(f"rendered {len(pixels)} training images, {len(captions)} captions in {time.time() - started:.0f}s")
 
     steps_per_epoch = len(pixels) // args.batch_size
     total = int(round(args.epochs * steps_per_epoch)) if args.epochs else args.steps
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     loss_fn = open_clip.ClipLoss()
     generator = torch.Generator().manual_seed(args.seed)
     val = load_shapes("val") if args.eval_every else None
@@ -166,29 +205,16 @@ def main(args) -> int:
         texts = tokens[idx * CAPTIONS_PER_IMAGE + pick]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, args.lr, args.warmup)
-        model.train()
-        img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
-        txt = torch.nn.functional.normalize(model.encode_text(texts), dim=-1)
-        loss = loss_fn(img, txt, model.logit_scale.exp())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        loss = clip_step(model, optimizer, loss_fn, images, texts)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
-            compact = model.token_embedding
-            with torch.no_grad():
-                full_embedding.weight[used_tokens] = compact.weight
-            model.token_embedding = full_embedding
+            table.write_back()
             encoder.model = model
             r = evaluate_clean(encoder, val)
-            model.token_embedding = compact
+            table.swap_in()
             print(f"step {step + 1}: val i2t R@1 {r['i2t']['r1']:.1f}  t2i R@1 {r['t2i']['r1']:.1f}", flush=True)
 
-    with torch.no_grad():
-        full_embedding.weight[used_tokens] = model.token_embedding.weight
-    model.token_embedding = full_embedding
+    table.write_back()
     minutes = (time.time() - started) / 60
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save({k: v.detach().half() for k, v in model.state_dict().items()}, args.out)
