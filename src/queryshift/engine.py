@@ -189,10 +189,15 @@ def default_cache_dir() -> str:
 
 
 @torch.no_grad()
-def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str, cfg: RunConfig) -> torch.Tensor:
-    """Encode the whole gallery once with the source model, cached on disk by model + data + preprocessing."""
+def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str, cfg: RunConfig,
+                   weights: str | None = None) -> torch.Tensor:
+    """Encode the whole gallery once with the source model, cached on disk by model + data + preprocessing.
+
+    ``weights`` is the model's weight digest when the caller has already computed it.
+    """
     key = hashlib.sha256(json.dumps([
-        model.name, _weights_digest(model), model.preprocess_id, dataset.fingerprint(), modality, cfg.max_words,
+        model.name, weights or _weights_digest(model), model.preprocess_id, dataset.fingerprint(), modality,
+        cfg.max_words,
     ]).encode()).hexdigest()[:24]
     cache_dir = cfg.cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, "gallery", f"{key}.pt")
@@ -276,7 +281,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 if os.path.exists(p):
                     os.remove(p)
 
-    torch.manual_seed(cfg.seed)  # random-init models (``/random``) must be identical across resumes
+    torch.manual_seed(cfg.seed)  # runs are reproducible; _load_source reseeds for the model itself
     np.random.seed(cfg.seed)
     dataset = load_dataset(cfg.data, cfg.image_root, cfg.max_words)
     bad_items: list[str] = []
@@ -286,7 +291,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     weights = _weights_digest(model)  # before any adaptation: which source weights this run started from
     modality, n_queries, relevance = dataset.query_items(cfg.direction)
     gallery_modality = "text" if modality == "image" else "image"
-    gallery = encode_gallery(model, dataset, gallery_modality, cfg).to(cfg.device)
+    gallery = encode_gallery(model, dataset, gallery_modality, cfg, weights).to(cfg.device)
 
     method = methods.get(cfg.method)(model, gallery, modality, cfg.adapt_config())
     shift = shifts.build(cfg.shift, modality, cfg.seed)
