@@ -51,3 +51,9 @@ def test_train_source_writes_a_loadable_checkpoint_and_its_card_data(tmp_path):
     assert 10 < int(changed.sum()) < 100
     model = load_model(f"openclip:qs-test64@{out}")
     assert model.tokenize(["a red circle"]).shape[1] == 24
+
+
+def test_bad_hard_pairs_fraction_is_refused_before_any_work(tmp_path, capsys):
+    assert cli_main(["train-source", "--hard-pairs", "0.7", "--out", str(tmp_path / "m.pt"), "--no-progress"]) == 2
+    assert "--hard-pairs must be between 0 and 0.5, got 0.7" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()

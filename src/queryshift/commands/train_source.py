@@ -164,6 +164,10 @@ def main(args) -> int:
     from ..data.shapes import CAPTIONS_PER_IMAGE, load_shapes
     from ..models import openclip as backend
 
+    n_partners = int(round(args.hard_pairs * args.batch_size))
+    if not 0 <= n_partners <= args.batch_size // 2:
+        raise ValueError(f"--hard-pairs must be between 0 and 0.5, got {args.hard_pairs}")
+    n_anchors = args.batch_size - n_partners
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -188,10 +192,6 @@ def main(args) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     val = load_shapes("val") if args.eval_every else None
 
-    n_partners = int(round(args.hard_pairs * args.batch_size))
-    if not 0 <= n_partners <= args.batch_size // 2:
-        raise ValueError(f"--hard-pairs must be between 0 and 0.5, got {args.hard_pairs}")
-    n_anchors = args.batch_size - n_partners
     order = torch.empty(0, dtype=torch.long)
     bar = tqdm(range(total), desc="train-source", disable=not args.progress, mininterval=5)
     for step in bar:
