@@ -18,7 +18,7 @@ import shlex
 import sys
 from typing import Any
 
-from ..engine import _RESUME_FREE, RunConfig, run, write_json
+from ..engine import RESUME_FREE, RunConfig, run, write_json
 from ..runinfo import git_commit, versions
 from .run import add_run_options, config_from_args
 
@@ -144,7 +144,7 @@ def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any
         with open(result_path, encoding="utf-8") as f:
             result = json.load(f)
         current = dataclasses.asdict(cfg)
-        changed = [k for k in current if k not in _RESUME_FREE and result["config"].get(k) != current[k]]
+        changed = [k for k in current if k not in RESUME_FREE and result["config"].get(k) != current[k]]
         if changed:  # a suite edited since: never report a stale run under the new settings
             raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(changed)}); "
                              f"remove it or choose another --out")

@@ -1,0 +1,87 @@
+"""``run(cfg)``: one online stream of query batches through a :class:`Retriever`, logged to a run directory.
+
+Memory is bounded by batch x gallery: each batch's scores become per-query ranks at once and are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import shifts
+from ..data import load_dataset
+from ..metrics import batch_ranks
+from .config import RunConfig
+from .gallery import encode_gallery, load_source, weights_digest
+from .report import clean_forgetting, format_table, json_safe, summarise
+from .retriever import Retriever
+from .rundir import RunDir
+from .stream import QueryItems, loader, query_order, skip_bad_images, stream_batches
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Run one online adaptation stream; returns (and, with ``cfg.out``, writes) the result dict."""
+    t_start = time.time()
+    rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite) if cfg.out else None
+
+    torch.manual_seed(cfg.seed)  # runs are reproducible; load_source reseeds for the model itself
+    np.random.seed(cfg.seed)
+    dataset = load_dataset(cfg.data, cfg.image_root, cfg.max_words)
+    bad_items: list[str] = []
+    if cfg.skip_bad_images:
+        dataset, bad_items = skip_bad_images(dataset)
+    model = load_source(cfg.model, cfg.seed, cfg.device)
+    weights = weights_digest(model)  # before any adaptation: which source weights this run started from
+    modality, n_queries, relevance = dataset.query_items(cfg.direction)
+    gallery_modality = "text" if modality == "image" else "image"
+    gallery = encode_gallery(model, dataset, gallery_modality, cfg, weights).to(cfg.device)
+
+    retriever = Retriever(model, gallery, modality, cfg.method, cfg.adapt_config(), cfg.device)
+    shift = shifts.build(cfg.shift, modality, cfg.seed)
+    order = query_order(n_queries, cfg.seed, cfg.shuffle, cfg.max_queries)
+    batches = stream_batches(len(order), cfg.batch_size)
+
+    rows: list[dict] = []
+    if rundir:
+        state, rows = rundir.restore(cfg, weights)
+        if state is not None:
+            retriever.load_state_dict(state)
+    done = len(rows)
+
+    items = QueryItems(dataset, modality, order, shift, cfg.seed, model, cfg.max_words)
+    progress = tqdm(total=len(batches), initial=done, desc=f"{cfg.method} {cfg.direction} {shift.name}",
+                    disable=not cfg.progress)
+    try:
+        for b, (positions, indices, batch) in enumerate(loader(items, batches[done:], cfg.num_workers), start=done):
+            t0 = time.time()
+            scores, info = retriever.adapt(retriever.model_input(batch))
+            ranks, aps = batch_ranks(scores, [relevance[i] for i in indices])
+            row = {"batch": b, "n": len(indices), "seconds": round(time.time() - t0, 4),
+                   **{k: json_safe(v) for k, v in info.items()},
+                   "queries": indices, "ranks": ranks, "aps": aps,
+                   "segments": [shift.segment(p, len(order)) for p in positions]}
+            rows.append(row)
+            if rundir:
+                rundir.append(row, {"config": dataclasses.asdict(cfg), "method": retriever.state_dict(),
+                                    "model_weights": weights, "batches_done": b + 1})
+            progress.update(1)
+            if b % 10 == 0 or b == len(batches) - 1:
+                progress.set_postfix(r1=f"{100 * np.mean([r < 1 for x in rows for r in x['ranks']]):.1f}")
+    finally:
+        progress.close()
+        if rundir:
+            rundir.close()
+
+    result = summarise(cfg, rows, dataset, shift, bad_items)
+    result["model_weights"] = weights
+    if cfg.eval_clean_after:
+        result["forgetting"] = clean_forgetting(retriever, dataset, relevance, cfg)
+    result["seconds"] = round(time.time() - t_start, 2)
+    if rundir:
+        rundir.write_result(result, format_table([result]))
+    return result

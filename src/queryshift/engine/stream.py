@@ -1,0 +1,80 @@
+"""What flows into a run: the query order, shifted query items, batches and the model input."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import shifts
+from ..data import DataError, RetrievalDataset, pre_caption
+from ..models import DualEncoder
+
+
+class QueryItems(torch.utils.data.Dataset):
+    """Stream position -> (position, query index, shifted query item) for one direction."""
+
+    def __init__(self, dataset: RetrievalDataset, modality: str, order: list[int], shift, seed: int,
+                 model: DualEncoder, max_words: int):
+        self.dataset, self.modality, self.order = dataset, modality, order
+        self.shift, self.seed, self.model, self.max_words = shift, seed, model, max_words
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, position: int):
+        index = self.order[position]
+        rng = shifts.item_rng(self.seed, index)
+        if self.modality == "image":
+            image = self.shift(self.dataset.load_image(index), index, position, len(self.order), rng)
+            return position, index, self.model.preprocess(image)
+        text = self.shift(self.dataset.texts[index], index, position, len(self.order), rng)
+        text = pre_caption(text, self.max_words)
+        if not text:
+            raise DataError(f"text query {index} is empty after the shift {self.shift.name!r}")
+        return position, index, text
+
+
+def collate(batch):
+    positions, indices, items = zip(*batch)
+    if isinstance(items[0], torch.Tensor):
+        items = torch.stack(items)
+    else:
+        items = list(items)
+    return list(positions), list(indices), items
+
+
+def to_model_input(model: DualEncoder, modality: str, items, device: str):
+    """A collated batch of preprocessed images or raw texts -> the tensors the model's tower takes."""
+    if modality == "image":
+        return items.to(device)
+    tokens = model.tokenize(items)
+    if isinstance(tokens, dict):
+        return {k: v.to(device) for k, v in tokens.items()}
+    return tokens.to(device)
+
+
+def loader(items: torch.utils.data.Dataset, batches: list[list[int]], num_workers: int):
+    return torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate,
+                                       num_workers=num_workers)
+
+
+def stream_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Consecutive stream positions 0..n-1 in batches; the last batch may be smaller (drop_last false)."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
+def query_order(n: int, seed: int, shuffle: bool = True, max_queries: int | None = None) -> list[int]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else list(range(n))
+    return order[:max_queries] if max_queries else order
+
+
+def skip_bad_images(dataset: RetrievalDataset) -> tuple[RetrievalDataset, list[str]]:
+    """The dataset without its unreadable images, and one message per dropped image."""
+    good, bad = [], []
+    for i in tqdm(range(len(dataset.images)), desc="checking images", leave=False):
+        try:
+            dataset.load_image(i)
+            good.append(i)
+        except DataError as err:
+            bad.append(str(err))
+    return (dataset.subset(good) if bad else dataset), bad
