@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from queryshift import methods, models
+from queryshift import methods
 from queryshift.methods import AdaptConfig, NonFiniteLossError
 from queryshift.methods import components as C
 from queryshift.methods.base import Method
@@ -518,8 +518,11 @@ def test_state_dict_resume_equals_the_uninterrupted_run(tiny, name):
 
 def test_openclip_layernorm_selection_is_spec_1_3(tiny):
     model = tiny[0]
-    blocks = lambda prefix: [f"{prefix}.resblocks.{i}.{ln}.{w}" for i in range(2) for ln in ("ln_1", "ln_2")
-                             for w in ("weight", "bias")]  # noqa: E731
+
+    def blocks(prefix):  # qs-tiny has 2 residual blocks per tower
+        return [f"{prefix}.resblocks.{i}.{ln}.{w}" for i in range(2) for ln in ("ln_1", "ln_2")
+                for w in ("weight", "bias")]
+
     image = [f"model.visual.ln_pre.{w}" for w in ("weight", "bias")] + blocks("model.visual.transformer") + \
         [f"model.visual.ln_post.{w}" for w in ("weight", "bias")]
     assert [n for n, _ in model.adaptable_parameters("image")] == image
