@@ -36,7 +36,10 @@ def test_resume_after_a_kill_restores_every_piece_of_method_state(fourteen_image
     """Image queries in batches of 4 (4, 4, 4, 2), 2 steps, killed in batch 2, resumed: the final checkpoint
     (parameters, optimizer, queue/EMA/mean probabilities, generator) and every rank equal the uninterrupted
     run's."""
-    kw = dict(method=name, direction="i2t", batch_size=4, steps=2, lr=1e-2)
+    # SAR: with k = int(0.4 * 4) = 1 its pass 2 is empty, the ema is 0 and the model resets every step;
+    # select all 4 and keep the ascent small so that the ema carries information across the kill
+    hparams = {"margin_e0": 1.0, "rho": 1e-3} if name == "sar" else {}
+    kw = dict(method=name, direction="i2t", batch_size=4, steps=2, lr=1e-2, hparams=hparams)
     full = run(_cfg(fourteen_images, tmp_path, out=str(tmp_path / "full"), **kw))
 
     cls = methods.get(name)
