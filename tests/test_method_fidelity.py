@@ -433,9 +433,13 @@ def test_record_first_gives_the_scores_before_the_batchs_updates(tiny, name):
 def test_record_last_gives_the_last_steps_forward(tiny, name):
     x = tiny[2]["image"][0]
     one = make(tiny, name, "image", steps=1)
-    one.step(x)
+    with torch.no_grad():
+        source = one.encode(x) @ one.gallery.T
+    s_one, _ = one.step(x)
+    assert torch.allclose(*directions(s_one, source), atol=1e-5)  # steps=1: batch 0 = the source scores
     with torch.no_grad():
         after_one_update = one.encode(x) @ one.gallery.T
+    assert not torch.allclose(*directions(after_one_update, source), atol=1e-5)
     two = make(tiny, name, "image", steps=2, record="last")
     s, _ = two.step(x)
     assert torch.allclose(*directions(s, after_one_update), atol=1e-5)
