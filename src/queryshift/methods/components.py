@@ -182,7 +182,8 @@ def rem_loss(ent: torch.Tensor, e_max: float | None, eps: float = 1e-3):
     """TCR's noise-robust entropy: ``mean w_i h_i`` over ``h_i <= E_m``, ``w_i = max(0, 1 - h_i/(E_m+eps))``.
 
     The weight is detached. Returns (loss, selection mask); the loss is None when nothing is selected
-    or there is no threshold yet (the TCR code would take the mean of an empty set, i.e. NaN).
+    or there is no threshold yet. (The TCR code takes the mean of an empty set there: a NaN value whose
+    gradient is zero, so leaving the term out of the sum gives the TCR code's update.)
     """
     if e_max is None:
         return None, torch.zeros_like(ent, dtype=torch.bool)

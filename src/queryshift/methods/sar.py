@@ -19,9 +19,9 @@ fraction (spec §7.8). Empty selections: the TCR code uses a 0 loss; here an emp
 skips the update (``Method.update`` logs ``skipped``, or ``skipped2`` for pass 2, in which case
 ``skipped`` says ``pass2-<reason>`` too, since no descent step was taken; a started SAM perturbation is
 undone), while the ema still receives ``L2 = 0`` as in that code, so the recovery rule behaves the same. A
-non-finite L2
-skips the descent and the ema update. Pass 2 forwards only the selected queries (equivalent in eval
-mode). The base optimizer follows ``AdaptConfig.optimizer`` (AdamW in every TCR setting).
+non-finite L2 skips the descent and the ema update. Pass 2 forwards only the selected queries (equivalent
+in eval mode). The base optimizer follows ``AdaptConfig.optimizer`` (AdamW in every TCR setting). SAM
+restores the weights saved before the ascent exactly (``components.SAM``).
 """
 
 from __future__ import annotations
