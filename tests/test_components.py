@@ -120,10 +120,21 @@ def test_queue_adds_most_source_like_fraction_and_truncates_sorted():
     assert torch.allclose(queue.indicator, pool_ind[keep]) and torch.equal(queue.q, pool_q[keep])
     assert (queue.indicator[1:] >= queue.indicator[:-1]).all()
     assert queue.update(q2, g2, e2, batch_index=2, step=0) == 0  # past the warm-up batches
-    # statistics
-    assert close(queue.max_entropy, queue.entropy.max())
-    assert close(queue.gap, C.modality_gap(queue.q, queue.g))
-    assert close(queue.mean_consistency, (queue.q * queue.g).sum(1).mean())
+
+
+def test_queue_statistics_by_hand_and_non_finite_samples_stay_out():
+    queue = C.SourceLikeQueue(size=4, frac=1.0, warmup=5)
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    g = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert queue.push(q, g, torch.tensor([0.3, 0.7])) == 2
+    assert close(queue.max_entropy, 0.7)
+    assert close(queue.gap, math.sqrt(0.5))  # ||(.5,.5) - (1,0)||
+    assert close(queue.mean_consistency, 0.5)  # (1 + 0) / 2
+    # a NaN query makes every indicator NaN (through the batch centre): nothing is added
+    assert queue.push(torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]), g, torch.tensor([0.1, 0.1])) == 0
+    # a NaN entropy keeps only that sample out
+    assert queue.push(q, g, torch.tensor([float("nan"), 0.2])) == 1
+    assert len(queue) == 3 and torch.isfinite(queue.entropy).all() and close(queue.max_entropy, 0.7)
 
 
 def test_queue_zero_fraction_stays_empty():
@@ -256,7 +267,7 @@ def test_grads_of_and_surrogate_loss():
 # -- SAM ---------------------------------------------------------------------------------------------
 
 
-def test_sam_perturbs_restores_and_steps_like_base():
+def test_sam_perturbs_restores_and_steps_like_base():  # exact restore: tests/test_method_fidelity.py
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     ref = torch.nn.Parameter(p.detach().clone())
     sam = C.SAM([p], torch.optim.AdamW, rho=0.05, lr=0.1, weight_decay=0.0)
@@ -269,7 +280,7 @@ def test_sam_perturbs_restores_and_steps_like_base():
     sam.step()  # descent from the original point
     ref.grad = torch.tensor([1.0, 1.0])
     base.step()
-    assert not sam.perturbed and torch.allclose(p.detach(), ref.detach())
+    assert not sam.perturbed and torch.equal(p.detach(), ref.detach())
     # abandon a perturbation
     before = p.detach().clone()
     p.grad = torch.tensor([1.0, 0.0])

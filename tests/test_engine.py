@@ -155,12 +155,20 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         load_model("nosuchbackend:x")
 
 
-def test_gallery_cache_is_reused(karpathy, tmp_path):
+def test_gallery_cache_is_reused(karpathy, tmp_path, monkeypatch):
+    from queryshift.models.openclip import OpenCLIPEncoder
+
+    calls = []  # i2t: the text tower encodes the gallery and nothing else, so its calls are cache misses
+    encode_text = OpenCLIPEncoder.encode_text
+    monkeypatch.setattr(OpenCLIPEncoder, "encode_text", lambda self, t: calls.append(len(t)) or encode_text(self, t))
     cfg = _cfg(karpathy, tmp_path, direction="i2t")
     first = run(cfg)
+    assert sum(calls) == 16  # a miss: all 16 captions encoded
     files = list((tmp_path / "cache" / "gallery").glob("*.pt"))
     assert len(files) == 1
+    calls.clear()
     assert run(cfg)["r1"] == first["r1"]
+    assert calls == []  # a hit: the gallery came from the cache
     assert list((tmp_path / "cache" / "gallery").glob("*.pt")) == files
 
 

@@ -103,14 +103,23 @@ class Method:
     # -- engine API --------------------------------------------------------------------------------
 
     def step(self, query_batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Adapt on one query batch for ``steps`` iterations; return the recorded scores and a log dict."""
-        recorded, log = None, {}
+        """Adapt on one query batch for ``steps`` iterations; return the recorded scores and a log dict.
+
+        The log is the info dict of the **last** step only (a key a method logs at step 0 but not at the
+        last step, such as ``skipped`` or ``grad_angle``, does not leak into the batch's log). For adapting
+        methods it also holds ``skipped_steps``: how many of the batch's steps skipped their update. So a
+        batch log has ``skipped`` exactly when its last step's update was skipped, which is what the run's
+        ``skipped_updates`` (the number of batch logs with ``skipped``) counts.
+        """
+        recorded, log, skipped = None, {}, 0
         for s in range(self.steps):
             scores, info = self.forward_and_adapt(query_batch, s)
             if s == 0 or self.config.record == "last":
                 recorded = scores.detach()
-            for k, v in info.items():
-                log[k] = v  # the last step's value; methods add per-step keys themselves if needed
+            log = dict(info)
+            skipped += "skipped" in info
+        if self.adapts:
+            log["skipped_steps"] = skipped
         self.batch_index += 1
         return recorded, log
 

@@ -124,6 +124,8 @@ class SourceLikeQueue:
     sorted at all times (TCR sorts only when full; no statistic depends on the order). It provides the
     adaptive entropy threshold ``max_entropy`` (E_m), the target modality gap ``gap`` and, for REST, the
     reference consistency ``mean_consistency``. All statistics are None while the queue is empty.
+    Samples with a non-finite indicator, entropy or feature are never added (a guard; the TCR code has
+    none).
     """
 
     def __init__(self, size: int = 64, frac: float = 0.3, warmup: int = 10):
@@ -141,10 +143,13 @@ class SourceLikeQueue:
         """Add the most source-like ``int(frac * B)`` samples of a batch; returns how many were added."""
         q, g, entropy = q.detach(), g.detach(), entropy.detach()
         ind = source_like_indicator(q, g)
-        n = min(int(self.frac * len(q)), len(q))
+        # a non-finite sample (e.g. a NaN query, which also makes every indicator NaN through the batch
+        # centre) never enters the queue: it would poison E_m and the reference gap for the whole stream
+        finite = torch.isfinite(ind) & torch.isfinite(entropy) & torch.isfinite(q).all(1) & torch.isfinite(g).all(1)
+        n = min(int(self.frac * len(q)), int(finite.sum()))
         if n < 1 or self.size < 1:
             return 0
-        take = torch.argsort(ind, stable=True)[:n]
+        take = torch.argsort(torch.where(finite, ind, torch.inf), stable=True)[:n]
         new = (ind[take], q[take], g[take], entropy[take], consistency(q[take], g[take]))
         if self.indicator is not None:
             old = (self.indicator, self.q, self.g, self.entropy, self.consistency)
@@ -177,7 +182,8 @@ def rem_loss(ent: torch.Tensor, e_max: float | None, eps: float = 1e-3):
     """TCR's noise-robust entropy: ``mean w_i h_i`` over ``h_i <= E_m``, ``w_i = max(0, 1 - h_i/(E_m+eps))``.
 
     The weight is detached. Returns (loss, selection mask); the loss is None when nothing is selected
-    or there is no threshold yet (the TCR code would take the mean of an empty set, i.e. NaN).
+    or there is no threshold yet. (The TCR code takes the mean of an empty set there: a NaN value whose
+    gradient is zero, so leaving the term out of the sum gives the TCR code's update.)
     """
     if e_max is None:
         return None, torch.zeros_like(ent, dtype=torch.bool)
@@ -285,18 +291,19 @@ def surrogate_loss(value: torch.Tensor, params: Sequence[torch.Tensor], grads: S
 class SAM:
     """Sharpness-aware minimisation (Foret et al., 2021) around a base optimizer, as SAR uses it.
 
-    ``first_step`` moves the parameters to ``w + rho g/||g||`` (ascent; ``adaptive`` scales by |w| as
-    ASAM), ``second_step`` moves them back and lets the base optimizer step with the gradient computed
-    at the perturbed point. ``step()`` does whichever comes next, so :meth:`Method.update` (the NaN
-    guard) can drive both passes; ``unperturb()`` abandons a perturbation without a step.
-    ``state_dict`` is the base optimizer's (the perturbation is transient).
+    ``first_step`` saves the weights ``w`` and moves the parameters to ``w + rho g/||g||`` (ascent;
+    ``adaptive`` scales by |w| as ASAM), ``second_step`` restores the saved ``w`` exactly (a copy, as SAR
+    and the TCR code do, not ``(w + e) - e``, which drifts by an ulp in some elements) and lets the base
+    optimizer step with the gradient computed at the perturbed point. ``step()`` does whichever comes
+    next, so :meth:`Method.update` (the NaN guard) can drive both passes; ``unperturb()`` abandons a
+    perturbation without a step. ``state_dict`` is the base optimizer's (the perturbation is transient).
     """
 
     def __init__(self, params, base_cls=torch.optim.AdamW, rho: float = 0.05, adaptive: bool = False, **kw):
         self.params = list(params)
         self.base = base_cls(self.params, **kw)
         self.rho, self.adaptive = float(rho), bool(adaptive)
-        self._e: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (parameter, its weights w)
 
     @property
     def param_groups(self):
@@ -304,24 +311,24 @@ class SAM:
 
     @property
     def perturbed(self) -> bool:
-        return self._e is not None
+        return self._saved is not None
 
     @torch.no_grad()
     def first_step(self) -> None:
         with_grad = [p for p in self.params if p.grad is not None]
         scaled = [(p.abs() if self.adaptive else 1.0) * p.grad for p in with_grad]
         norm = float(torch.linalg.vector_norm(torch.stack([s.norm() for s in scaled]))) if scaled else 0.0
-        self._e = []
+        self._saved = []
         for p in with_grad:
             e = (p.pow(2) if self.adaptive else 1.0) * p.grad * (self.rho / (norm + 1e-12))
+            self._saved.append((p, p.detach().clone()))
             p.add_(e)
-            self._e.append((p, e))
 
     @torch.no_grad()
     def unperturb(self) -> None:
-        for p, e in self._e or []:
-            p.sub_(e)
-        self._e = None
+        for p, w in self._saved or []:
+            p.copy_(w)
+        self._saved = None
 
     def second_step(self) -> None:
         self.unperturb()
@@ -337,5 +344,5 @@ class SAM:
         return self.base.state_dict()
 
     def load_state_dict(self, state) -> None:
-        self._e = None
+        self._saved = None
         self.base.load_state_dict(state)

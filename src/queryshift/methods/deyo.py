@@ -5,8 +5,11 @@ With logits ``z = q . G^T / tau`` over the full gallery and entropies ``H``:
 2. PLPD: ``P(y|x) - P(y|x')`` with ``y = argmax P(.|x)`` and ``x'`` the selected queries with their
    patches shuffled (image queries: a ``patch_len x patch_len`` grid, an independent random
    permutation per image drawn from ``self.generator``; ``x'`` under no_grad); keep PLPD > threshold;
-3. weight ``1/(exp(H - thr) + 0.1) + 1/(exp(-PLPD) + 0.1)`` (detached), ``thr`` = the k'-th smallest
-   remaining entropy, ``k' = int(margin_e0 * n_remaining)`` (+inf if k' = 0); ``L = mean(weight * H)``.
+3. weight ``1/(exp(H - thr) + 0.1) + (1/exp(-PLPD) + 0.1)`` = ``1/(exp(H - thr) + 0.1) + exp(PLPD) + 0.1``
+   (detached; :func:`deyo_weight`), ``thr`` = the k'-th smallest remaining entropy,
+   ``k' = int(margin_e0 * n_remaining)`` (+inf if k' = 0); ``L = mean(weight * H)``. The PLPD term follows
+   the TCR code's bytecode (``deyo.pyc`` source line 222: 1 is divided by ``exp(-PLPD)`` and only then 0.1
+   is added), not ``1/(exp(-PLPD) + 0.1)`` as an earlier reading of it (and this code before) had it.
 Scores: the logits ``z``.
 
 Text queries: as in the TCR code, ``x'`` is the unchanged texts and the PLPD threshold is -1, so PLPD = 0
@@ -49,6 +52,11 @@ def patch_shuffle(images: torch.Tensor, grid: int = 4, generator: torch.Generato
     return F.interpolate(x, size=(h, w), mode="bilinear", antialias=True) if resize else x
 
 
+def deyo_weight(ent: torch.Tensor, thr: float, plpd: torch.Tensor) -> torch.Tensor:
+    """The TCR code's DeYO sample weight ``1/(exp(H - thr) + 0.1) + exp(PLPD) + 0.1`` (no gradient)."""
+    return 1 / (torch.exp(ent.detach() - thr) + 0.1) + (1 / torch.exp(-plpd.detach()) + 0.1)
+
+
 class DeYO(Method):
     name = "deyo"
     defaults = {"tau": 0.01, "deyo_margin": 0.5, "margin_e0": 0.4, "patch_len": 4, "plpd_threshold": None}
@@ -82,8 +90,7 @@ class DeYO(Method):
                 ent_k, plpd_k = ent[sel][keep], plpd[keep]
                 thr = C.kth_smallest(ent_k, hp["margin_e0"])
                 thr = math.inf if thr is None else thr
-                coeff = 1 / (torch.exp(ent_k.detach() - thr) + 0.1) + 1 / (torch.exp(-plpd_k) + 0.1)
-                loss = (coeff * ent_k).mean()
+                loss = (deyo_weight(ent_k, thr, plpd_k) * ent_k).mean()
                 info["plpd"] = C.scalar(plpd_k.mean())
         self.update(loss, info)
         return logits.detach(), info

@@ -21,6 +21,17 @@ Per step (``Q`` query embeddings with gradient, ``S = Q G^T`` returned as scores
   "tensor" (default) / "global" projects g_a off g_k where ``<g_a, g_k> < 0``, "off" does not; the update
   uses ``g_a + lambda_k g_k``. The result goes through ``Method.update`` via ``surrogate_loss``.
   ``log_angle`` computes L_know and the angle even when it changes nothing (decouple off, lambda_k 0).
+- **where the projection acts** (``decouple_after``): "gradient" (default) projects the gradient *before*
+  the optimizer. With plain SGD (no momentum, no weight decay) the applied update is then minus the
+  projected gradient, which has no negative inner product with g_k, so the update does not raise L_know
+  to first order. With AdamW (the protocol's optimizer) it is not conflict-free: the per-element scaling
+  by ``1/(sqrt(v) + eps)``, the momentum from earlier steps and the weight decay turn the projected
+  gradient into an update that can again have a positive inner product with g_k (raise L_know).
+  "optimizer" lets the optimizer step with the unprojected ``g_a + lambda_k g_k`` (its moments see that
+  gradient) and then projects the applied parameter change ``d`` (per tensor or globally, as ``decouple``
+  says) off g_k where ``<d, g_k> > 0``: the update actually applied never raises L_know to first order.
+  It also logs ``update_conflict_frac`` (fraction of tensors whose update had to be projected). It is an
+  option for the design work on REST, not part of the paper's description.
 
 Log per step: ``n_selected`` (reliable queries), ``queue_len``, each loss term, ``uniformity``
 (mean ``||q_i - c_q||``, higher = more spread), ``gap`` (``Delta(Q, G~)``), ``consistency`` (mean
@@ -30,12 +41,16 @@ parameter tensors with ``<g_a, g_k> < 0``).
 
 Defaults (rest.md §2.4): ``tau`` 0.02 (as TCR, all datasets; configs may override via ``hparams``),
 queue 64 / 0.3 / 10 batches, ``t`` 0.1, ``rem_eps`` 1e-3, all weights 1, ``decouple`` "tensor",
-``lambda_k`` 0.
+``lambda_k`` 0, ``decouple_after`` "gradient".
 
-Empty selections: L_ent, L_con and L_know are 0 (left out) for a step without reliable queries, and
-L_ent/L_gap/L_con while the queue is empty; the update then uses the remaining terms (rest.md §2.2).
-When no term is left the update is skipped (``Method.update`` logs ``skipped: empty``); a non-finite loss
-or gradient is skipped by the same guard.
+Empty selections: L_ent, L_con and L_know are 0 (left out) for a step without reliable queries (logged as
+``empty_selection: 1``), and L_ent/L_gap/L_con while the queue is empty; the update then uses the
+remaining terms (rest.md §2.2). For L_ent this is exactly what the TCR code's update does (an empty mean
+has zero gradient), so with ``decouple="off"``, ``w_con=0``, ``log_angle=False`` and the other defaults
+REST computes the same losses, ranks and parameters as ``tcr`` while the queue is non-empty (always, with
+the defaults; tests/test_method_fidelity.py); only with an empty queue do they differ (TCR skips, REST
+uses L_uni). When no term is left the update is skipped (``Method.update`` logs ``skipped: empty``); a
+non-finite loss or gradient is skipped by the same guard.
 """
 
 from __future__ import annotations
@@ -53,13 +68,15 @@ class REST(Method):
         "queue_size": 64, "queue_frac": 0.3, "queue_batches": 10,
         "t": 0.1, "rem_eps": 1e-3,
         "w_ent": 1.0, "w_uni": 1.0, "w_gap": 1.0, "w_con": 1.0,
-        "decouple": "tensor", "lambda_k": 0.0, "log_angle": True,
+        "decouple": "tensor", "lambda_k": 0.0, "log_angle": True, "decouple_after": "gradient",
     }
     state_attrs = ("queue",)
 
     def init_state(self):
         if self.hp["decouple"] not in ("tensor", "global", "off"):
             raise ValueError(f"decouple must be 'tensor', 'global' or 'off', got {self.hp['decouple']!r}")
+        if self.hp["decouple_after"] not in ("gradient", "optimizer"):
+            raise ValueError(f"decouple_after must be 'gradient' or 'optimizer', got {self.hp['decouple_after']!r}")
         self.queue = C.SourceLikeQueue(self.hp["queue_size"], self.hp["queue_frac"], self.hp["queue_batches"])
 
     def _predict(self, q, g):
@@ -92,21 +109,44 @@ class REST(Method):
             "gap": C.scalar(C.modality_gap(q, g)), "consistency": C.scalar(cons.mean()),
             **{k: C.scalar(v) for k, (_, v) in terms.items() if v is not None},
         }
+        if l_ent is None and gap_ref is not None:
+            info["empty_selection"] = 1  # no reliable query: L_ent, L_con and L_know are left out
         active = [w * v for w, v in terms.values() if v is not None and w]
         loss = sum(active) if active else None
+        g_know = None
         if loss is not None and q_src is not None:
-            loss = self._decoupled(q_src, g, logits, reliable, loss, info)
-        self.update(loss, info)
+            loss, g_know = self._decoupled(q_src, g, logits, reliable, loss, info)
+        after_optimizer = g_know is not None and hp["decouple"] != "off" and hp["decouple_after"] == "optimizer"
+        before = [p.detach().clone() for p in self.params] if after_optimizer else None
+        if self.update(loss, info) and after_optimizer:
+            self._project_update(before, g_know, info)
         return scores.detach(), info
 
     def _decoupled(self, q_src, g, logits, reliable, loss, info):
-        """``loss`` with its gradient replaced by the decoupled one (unchanged without reliable queries)."""
+        """-> (``loss`` with its gradient replaced by the decoupled one, g_know); unchanged and None
+        without reliable queries. With ``decouple_after="optimizer"`` the gradient is ``g_a + lambda_k g_k``
+        unprojected (the projection then acts on the optimizer's update, :meth:`_project_update`)."""
         if not reliable.any():
-            return loss
+            return loss, None
         l_know = C.kl_to_source(self._predict(q_src, g), logits, reliable)
         info["l_know"] = C.scalar(l_know)
         g_adapt = C.grads_of(loss, self.params, retain_graph=True)
         g_know = C.grads_of(l_know, self.params)
-        grads, diag = C.decouple_gradients(g_adapt, g_know, self.hp["decouple"], self.hp["lambda_k"])
+        mode = "off" if self.hp["decouple_after"] == "optimizer" else self.hp["decouple"]
+        grads, diag = C.decouple_gradients(g_adapt, g_know, mode, self.hp["lambda_k"])
         info.update(diag)
-        return C.surrogate_loss(loss, self.params, grads)
+        return C.surrogate_loss(loss, self.params, grads), g_know
+
+    @torch.no_grad()
+    def _project_update(self, before, g_know, info):
+        """Project the applied parameter change ``d = w_new - w_old`` off g_k where ``<d, g_k> > 0``.
+
+        A change ``d`` raises L_know to first order exactly when ``-d`` conflicts with g_k as a gradient
+        would (``<-d, g_k> < 0``), so ``-d`` goes through the same :func:`decouple_gradients` rule.
+        """
+        neg = [b - p for p, b in zip(self.params, before)]
+        projected, diag = C.decouple_gradients(neg, g_know, self.hp["decouple"])
+        for p, b, n, n_proj in zip(self.params, before, neg, projected):
+            if n_proj is not n:  # untouched tensors keep the optimizer's result bit for bit
+                p.copy_(b - n_proj)
+        info["update_conflict_frac"] = diag["conflict_frac"]

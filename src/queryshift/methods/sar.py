@@ -6,7 +6,9 @@ Per step, with entropies ``H`` of ``softmax(q . G^T / tau)`` over the full galle
 2. at the perturbed weights, recompute the entropies of the same queries; keep ``H2 < thr`` (strict);
    ``L2`` = their mean; backward; SAM descent: restore w and step the base optimizer (AdamW by default);
 3. model recovery: ``ema <- L2`` (first time) or ``0.9 ema + 0.1 L2`` (skipped when L2 is NaN); if
-   ``ema < reset_constant`` restore the source parameters and optimizer and forget the ema.
+   ``ema < reset_constant`` restore the source parameters and optimizer but **keep the ema** (as SAR and
+   the TCR code do: ``ema = self.ema; reset(); self.ema = ema``), so the model is reset at every step
+   until the ema has recovered above ``reset_constant``.
 Scores: the logits of pass 1.
 
 Defaults: ``tau`` 0.01 (dataset table of spec §1.5 applied by configs via ``hparams``), ``margin_e0`` 0.4
@@ -14,10 +16,12 @@ Defaults: ``tau`` 0.01 (dataset table of spec §1.5 applied by configs via ``hpa
 
 Deviations: the original SAR uses ``0.4 * ln(1000)`` as an entropy margin; we follow the TCR code's
 fraction (spec §7.8). Empty selections: the TCR code uses a 0 loss; here an empty pass 1 or pass 2
-skips the update (``Method.update`` logs ``skipped``; a started SAM perturbation is undone), while the
-ema still receives ``L2 = 0`` as in that code, so the recovery rule behaves the same. A non-finite L2
-skips the descent and the ema update. Pass 2 forwards only the selected queries (equivalent in eval
-mode). The base optimizer follows ``AdaptConfig.optimizer`` (AdamW in every TCR setting).
+skips the update (``Method.update`` logs ``skipped``, or ``skipped2`` for pass 2, in which case
+``skipped`` says ``pass2-<reason>`` too, since no descent step was taken; a started SAM perturbation is
+undone), while the ema still receives ``L2 = 0`` as in that code, so the recovery rule behaves the same. A
+non-finite L2 skips the descent and the ema update. Pass 2 forwards only the selected queries (equivalent
+in eval mode). The base optimizer follows ``AdaptConfig.optimizer`` (AdamW in every TCR setting). SAM
+restores the weights saved before the ascent exactly (``components.SAM``).
 """
 
 from __future__ import annotations
@@ -71,11 +75,15 @@ class SAR(Method):
             if self.optimizer.perturbed:  # pass 2 was skipped: leave the ascent point
                 self.optimizer.unperturb()
         info.update(first, **{f"{k}2": v for k, v in second.items()})  # loss/skipped of pass 1, *2 of pass 2
+        if "skipped2" in info and "skipped" not in info:  # the ascent happened but no descent step
+            info["skipped"] = f"pass2-{info['skipped2']}"
         if math.isfinite(loss2):
             m = hp["ema_momentum"]
             self.ema = loss2 if self.ema is None else m * self.ema + (1 - m) * loss2
             info["ema"] = self.ema
         if self.ema is not None and self.ema < hp["reset_constant"]:
-            self.reset()
+            ema = self.ema
+            self.reset()  # parameters and optimizer back to the source; the ema survives, as in SAR
+            self.ema = ema
             info["reset"] = 1
         return logits.detach(), info

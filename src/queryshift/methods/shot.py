@@ -9,6 +9,11 @@ Scores: the logits.
 Defaults: ``tau`` 0.01 (dataset table of spec §1.5 applied by configs via ``hparams``), ``threshold`` 0.9,
 ``clf_coeff`` 0.1.
 
+Pseudo-labels: ``argmax P_i`` of the current forward, thresholded by confidence, as the TCR code computes
+them. This is **not** SHOT's pseudo-labelling (Liang et al., 2020), which clusters the target features
+around class centroids weighted by the predictions and labels each sample by its nearest centroid; the
+TCR code (and so this method) has no clustering step.
+
 Deviations: the TCR code toggles ``.eval()``/``.train()`` around each step; every forward runs in eval
 mode there anyway, so here the model simply stays in eval mode. A non-finite loss or gradient skips
 the update (``Method.update``).

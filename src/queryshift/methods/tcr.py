@@ -11,11 +11,19 @@ Defaults (spec §2.6): ``tau`` 0.02 on every dataset (the TCR code skips the dat
 a config may still set another value through ``hparams``, spec §7.1),
 ``con_ratio`` 0.3, ``queue_size`` 64, ``queue_batches`` 10, ``t`` 0.1, ``rem_eps`` 1e-3.
 
+Empty REM selection (no query has ``h <= E_m``): in the TCR code L_REM is the mean of an empty set, so
+the loss *value* is NaN, but the gradient of that empty mean is zero and the update is that of
+``L_UNI + L_EMG``. Here the loss is ``L_UNI + L_EMG`` (finite, so it is also the logged ``loss``) and the
+step logs ``empty_selection: 1`` with ``n_selected: 0``; the parameters move exactly as in the TCR code.
+
 Deviations: the queue constants are hyper-parameters (the TCR code ties them to B = 64); the defaults
-reproduce it at B = 64. Empty selection: when no query has ``h <= E_m`` the TCR code's REM is the mean of
-an empty set (NaN, then NaN parameters); here the whole update is skipped (loss None ->
-``Method.update`` logs ``skipped: empty``); the same when the queue is still empty (the TCR code would
-fail; it cannot happen with the defaults since the queue is filled before its first use).
+reproduce it at B = 64. While the queue is still empty (no E_m, no reference gap; the TCR code would fail
+there) the update is skipped (``Method.update`` logs ``skipped: empty``); with the defaults this cannot
+happen, since the queue is filled at step 0 of the first batch before its first use. Non-finite samples
+never enter the queue (``SourceLikeQueue``).
+
+``rest`` with ``decouple="off"``, ``w_con=0`` and ``log_angle=False`` (and its other defaults) computes
+the same loss and update as ``tcr`` whenever the queue is non-empty (tests/test_method_fidelity.py).
 """
 
 from __future__ import annotations
@@ -45,9 +53,14 @@ class TCR(Method):
         l_uni = C.uniformity_loss(q, hp["t"])
         info = {"n_selected": int(sel.sum()), "queue_len": len(self.queue), "l_uni": C.scalar(l_uni)}
         loss = None
-        if l_rem is not None:  # the guard: TCR's empty REM is NaN
+        if len(self.queue):
             l_gap = C.gap_loss(q, g, self.queue.gap)
-            loss = l_rem + l_uni + l_gap
-            info.update(l_rem=C.scalar(l_rem), l_gap=C.scalar(l_gap))
+            info["l_gap"] = C.scalar(l_gap)
+            if l_rem is None:  # TCR's empty REM: a NaN value but zero gradient, i.e. the update of UNI + EMG
+                loss = l_uni + l_gap
+                info["empty_selection"] = 1
+            else:
+                loss = l_rem + l_uni + l_gap
+                info["l_rem"] = C.scalar(l_rem)
         self.update(loss, info)
         return scores.detach(), info
