@@ -175,6 +175,48 @@ class SourceLikeQueue:
         return None if not len(self) else float(self.consistency.mean())
 
 
+def concat_inputs(a, b):
+    """Two query-tower inputs (tensors or dicts of tensors, batch first) as one; token tensors of other
+    widths are right-padded with 0 (padding, masked out by the attention mask where there is one)."""
+    if isinstance(a, dict):
+        return {k: concat_inputs(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] for k in a}
+    if a.dim() == 2 and a.shape[1] != b.shape[1]:
+        width = max(a.shape[1], b.shape[1])
+        a, b = F.pad(a, (0, width - a.shape[1])), F.pad(b, (0, width - b.shape[1]))
+    return torch.cat([a, b])
+
+
+class AnchorStore:
+    """The raw inputs of the ``size`` most source-like queries (TCR's indicator) seen at step 0 of the
+    first ``warmup`` batches, with their candidates and source-time embeddings (REST's K2 knowledge
+    objective re-encodes them with the current parameters). Frozen after the warm-up, like the queue."""
+
+    def __init__(self, size: int = 16, warmup: int = 10):
+        self.size, self.warmup = int(size), int(warmup)
+        self.inputs = self.indicator = self.q = self.g = None
+
+    def __len__(self) -> int:
+        return 0 if self.indicator is None else int(self.indicator.numel())
+
+    @torch.no_grad()
+    def update(self, batch, q: torch.Tensor, g: torch.Tensor, batch_index: int, step: int) -> None:
+        if step != 0 or batch_index >= self.warmup or self.size < 1:
+            return
+        q, g = q.detach(), g.detach()
+        ind = source_like_indicator(q, g)
+        finite = torch.isfinite(ind) & torch.isfinite(q).all(1)
+        if not bool(finite.any()):
+            return
+        take = torch.argsort(torch.where(finite, ind, torch.inf), stable=True)[: min(self.size, int(finite.sum()))]
+        new = (index_batch(batch, take), ind[take], q[take], g[take])
+        if self.indicator is not None:
+            new = (concat_inputs(self.inputs, new[0]),
+                   *(torch.cat([a, b]) for a, b in zip((self.indicator, self.q, self.g), new[1:])))
+        keep = torch.argsort(new[1], stable=True)[: self.size]
+        self.inputs = index_batch(new[0], keep)
+        self.indicator, self.q, self.g = (t[keep] for t in new[1:])
+
+
 # -- QS-robust loss terms --------------------------------------------------------------------------
 
 
@@ -215,6 +257,23 @@ def consistency_loss(cons: torch.Tensor, target: float, mask: torch.Tensor) -> t
     return F.relu(target - cons[mask]).mean()
 
 
+def agreement_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Consistency alternative: cross-entropy of each prediction toward its raw top-1 (``target``),
+    ``mean_{i in mask} -log p_i[target_i]``; None for an empty mask."""
+    if not bool(mask.any()):
+        return None
+    return F.cross_entropy(logits[mask], target[mask])
+
+
+def margin_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Consistency alternative: ``-mean_{i in mask} (s_i,top1 - s_i,top2)`` over the gallery scores (a
+    query should single out the item it retrieves); None for an empty mask or a one-item gallery."""
+    if not bool(mask.any()) or scores.shape[1] < 2:
+        return None
+    top = scores[mask].topk(2, dim=1).values
+    return -(top[:, 0] - top[:, 1]).mean()
+
+
 def kl_to_source(logits_source: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor):
     """``mean_{i in mask} KL(p_source,i || p_theta,i)`` over the same candidates; None for an empty mask."""
     if not bool(mask.any()):
@@ -233,8 +292,14 @@ def decouple_gradients(
     mode: str = "tensor",
     lambda_k: float = 0.0,
     eps: float = 1e-20,
+    margin_deg: float = 90.0,
+    keep: float = 0.0,
 ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Remove from ``g_adapt`` its component that conflicts with ``g_know``, then add ``lambda_k g_know``.
+
+    Combination rules (REST design space): a tensor (or, globally, the whole gradient) counts as in
+    conflict when its angle to g_k exceeds ``margin_deg`` (90: any negative inner product); ``keep``
+    is the fraction of the conflicting component that stays (0: full projection).
 
     mode "tensor": for every parameter tensor with ``<g_a, g_k> < 0``,
     ``g_a <- g_a - <g_a, g_k> / ||g_k||^2 g_k`` (the projected gradient is orthogonal to g_k).
@@ -256,11 +321,18 @@ def decouple_gradients(
     dot, na, nk = sum(dots), math.sqrt(sum(na2)), math.sqrt(sum(nk2))
     if na > 0 and nk > 0 and math.isfinite(dot / (na * nk)):
         info["grad_angle"] = math.degrees(math.acos(max(-1.0, min(1.0, dot / (na * nk)))))
+    # cos(90 degrees) is 6e-17 in floating point: the default must test the sign exactly
+    cos_m = 0.0 if margin_deg == 90.0 else math.cos(math.radians(margin_deg))
+
+    def conflicts(d: float, na2_: float, nk2_: float) -> bool:
+        return nk2_ > 0 and d < cos_m * math.sqrt(na2_ * nk2_) and d < 0
+
     out = list(ga)
     if mode == "tensor":
-        out = [a - (d / (n2 + eps)) * b if d < 0 and n2 > 0 else a for a, b, d, n2 in zip(ga, gk, dots, nk2)]
-    elif mode == "global" and dot < 0 and nk > 0:
-        coef = dot / (nk * nk + eps)
+        out = [a - (1 - keep) * (d / (n2 + eps)) * b if conflicts(d, a2, n2) else a
+               for a, b, d, a2, n2 in zip(ga, gk, dots, na2, nk2)]
+    elif mode == "global" and conflicts(dot, na * na, nk * nk):
+        coef = (1 - keep) * dot / (nk * nk + eps)
         out = [a - coef * b for a, b in zip(ga, gk)]
     if lambda_k:
         out = [a + lambda_k * b for a, b in zip(out, gk)]

@@ -20,7 +20,18 @@ Per step (``Q`` query embeddings with gradient, ``S = Q G^T`` returned as scores
   ``g_a = grad L_adapt``, ``g_k = grad L_know`` (one forward, two autograd.grad calls); ``decouple``
   "tensor" (default) / "global" projects g_a off g_k where ``<g_a, g_k> < 0``, "off" does not; the update
   uses ``g_a + lambda_k g_k``. The result goes through ``Method.update`` via ``surrogate_loss``.
-  ``log_angle`` computes L_know and the angle even when it changes nothing (decouple off, lambda_k 0).
+  The angle diagnostics are free when decoupling is on; with ``decouple="off"`` and ``lambda_k`` 0,
+  L_know and its backward are skipped unless ``log_angle`` asks for them (default False).
+- **the design space of the REST issue** (all *our reading*; defaults = the K1 design above until a
+  choice is made on validation shifts):
+  ``know`` = "kl" (K1, above) | "anchors" (K2: the ``n_anchors`` most source-like queries of the queue's
+  warm-up batches are kept as raw inputs and re-encoded every step; L_know = their mean ``1 - q.g~`` with
+  their stored candidates (``anchor_loss="consistency"``) or the KL of their in-anchor prediction to the
+  stored source one ("kl")) | "reliable" (K3: L_know = mean ``1 - q_i.g~_i`` over the batch's reliable
+  queries, no extra forward); combination: ``margin_deg`` (a tensor conflicts only past this angle,
+  >= 90) and ``keep`` (fraction of the conflicting component kept); ``con`` = "queue" (the hinge above) |
+  "agree" (cross-entropy of the prediction toward its raw top-1) | "margin" (``-(s_top1 - s_top2)``).
+  K1's source forward is computed once per batch, not per step.
 - **where the projection acts** (``decouple_after``): "gradient" (default) projects the gradient *before*
   the optimizer. With plain SGD (no momentum, no weight decay) the applied update is then minus the
   projected gradient, which has no negative inner product with g_k, so the update does not raise L_know
@@ -60,6 +71,12 @@ import torch
 from . import components as C
 from .base import Method
 
+KNOWN_CHOICES = {
+    "decouple": ("tensor", "global", "off"), "decouple_after": ("gradient", "optimizer"),
+    "know": ("kl", "anchors", "reliable"), "anchor_loss": ("consistency", "kl"),
+    "con": ("queue", "agree", "margin"),
+}
+
 
 class REST(Method):
     name = "rest"
@@ -68,40 +85,55 @@ class REST(Method):
         "queue_size": 64, "queue_frac": 0.3, "queue_batches": 10,
         "t": 0.1, "rem_eps": 1e-3,
         "w_ent": 1.0, "w_uni": 1.0, "w_gap": 1.0, "w_con": 1.0,
-        "decouple": "tensor", "lambda_k": 0.0, "log_angle": True, "decouple_after": "gradient",
+        "decouple": "tensor", "lambda_k": 0.0, "log_angle": False, "decouple_after": "gradient",
+        # the REST design space (issue 11): knowledge objective, combination rule, consistency term
+        "know": "kl", "n_anchors": 16, "anchor_loss": "consistency",
+        "margin_deg": 90.0, "keep": 0.0, "con": "queue",
     }
-    state_attrs = ("queue",)
+    state_attrs = ("queue", "anchors")
 
     def init_state(self):
-        if self.hp["decouple"] not in ("tensor", "global", "off"):
-            raise ValueError(f"decouple must be 'tensor', 'global' or 'off', got {self.hp['decouple']!r}")
-        if self.hp["decouple_after"] not in ("gradient", "optimizer"):
-            raise ValueError(f"decouple_after must be 'gradient' or 'optimizer', got {self.hp['decouple_after']!r}")
+        for key, allowed in KNOWN_CHOICES.items():
+            if self.hp[key] not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {self.hp[key]!r}")
         self.queue = C.SourceLikeQueue(self.hp["queue_size"], self.hp["queue_frac"], self.hp["queue_batches"])
+        self.anchors = C.AnchorStore(self.hp["n_anchors"] if self.hp["know"] == "anchors" else 0,
+                                     self.hp["queue_batches"])
+        self._source_embeddings = None  # (batch_index, Q under theta_0): constant within a batch
 
     def _predict(self, q, g):
         """Prediction logits: over the in-batch candidates (refined) or the full gallery (raw)."""
         tau = self.hp["tau"]
         return C.inbatch_logits(q, g, tau) if self.hp["refine"] else C.gallery_logits(q, self.gallery, tau)
 
+    def _source_batch(self, query_batch, step):
+        """Q under the source parameters, computed once per batch (the batch does not change between steps)."""
+        cached = self._source_embeddings
+        if step == 0 or cached is None or cached[0] != self.batch_index:
+            cached = self._source_embeddings = (self.batch_index, self.encode_with_source(query_batch))
+        return cached[1]
+
     def forward_and_adapt(self, query_batch, step):
         hp = self.hp
+        # without decoupling or lambda_k, L_know costs a backward that changes nothing: only on request
         need_know = hp["decouple"] != "off" or hp["lambda_k"] or hp["log_angle"]
         # before the forward with grad: the parameter swap would invalidate its graph
-        q_src = self.encode_with_source(query_batch) if need_know else None
+        q_src = self._source_batch(query_batch, step) if need_know and hp["know"] == "kl" else None
         q = self.encode(query_batch)
         scores = q @ self.gallery.T
-        g, _ = C.candidates(scores, self.gallery, hp["topk"] if hp["refine"] else 1)
+        g, top1 = C.candidates(scores, self.gallery, hp["topk"] if hp["refine"] else 1)
         logits = self._predict(q, g)
         ent, cons = C.entropy(logits), C.consistency(q, g)
         self.queue.update(q, g, ent, self.batch_index, step)
+        self.anchors.update(query_batch, q, g, self.batch_index, step)
         gap_ref, con_ref = self.queue.gap, self.queue.mean_consistency
         l_ent, reliable = C.rem_loss(ent, self.queue.max_entropy, hp["rem_eps"])
         terms = {
             "l_ent": (hp["w_ent"], l_ent),
             "l_uni": (hp["w_uni"], C.uniformity_loss(q, hp["t"])),
             "l_gap": (hp["w_gap"], None if gap_ref is None else C.gap_loss(q, g, gap_ref)),
-            "l_con": (hp["w_con"], None if con_ref is None else C.consistency_loss(cons, con_ref, reliable)),
+            "l_con": (hp["w_con"], None if con_ref is None else self._consistency_term(
+                cons, con_ref, reliable, logits, scores, top1)),
         }
         info = {
             "n_selected": int(reliable.sum()), "queue_len": len(self.queue),
@@ -114,26 +146,62 @@ class REST(Method):
         active = [w * v for w, v in terms.values() if v is not None and w]
         loss = sum(active) if active else None
         g_know = None
-        if loss is not None and q_src is not None:
-            loss, g_know = self._decoupled(q_src, g, logits, reliable, loss, info)
+        if loss is not None and need_know:
+            l_know = self._knowledge_loss(q_src, q, g, logits, cons, reliable)
+            if l_know is not None:
+                loss, g_know = self._decoupled(l_know, loss, info)
         after_optimizer = g_know is not None and hp["decouple"] != "off" and hp["decouple_after"] == "optimizer"
         before = [p.detach().clone() for p in self.params] if after_optimizer else None
         if self.update(loss, info) and after_optimizer:
             self._project_update(before, g_know, info)
         return scores.detach(), info
 
-    def _decoupled(self, q_src, g, logits, reliable, loss, info):
-        """-> (``loss`` with its gradient replaced by the decoupled one, g_know); unchanged and None
-        without reliable queries. With ``decouple_after="optimizer"`` the gradient is ``g_a + lambda_k g_k``
-        unprojected (the projection then acts on the optimizer's update, :meth:`_project_update`)."""
-        if not reliable.any():
-            return loss, None
-        l_know = C.kl_to_source(self._predict(q_src, g), logits, reliable)
+    def _consistency_term(self, cons, con_ref, reliable, logits, scores, top1):
+        """L_con: "queue" (hinge to the queue's mean consistency), "agree" (the prediction agrees with
+        the raw top-1: its own candidate in the batch, or the top-1 gallery item without refinement),
+        "margin" (the top-1 stands out from the top-2)."""
+        con = self.hp["con"]
+        if con == "queue":
+            return C.consistency_loss(cons, con_ref, reliable)
+        if con == "agree":
+            target = torch.arange(len(cons), device=cons.device) if self.hp["refine"] else top1
+            return C.agreement_loss(logits, target, reliable)
+        return C.margin_loss(scores, reliable)
+
+    def _knowledge_loss(self, q_src, q, g, logits, cons, reliable):
+        """L_know, whose gradient g_k the adaptation must not oppose (None: nothing to protect yet).
+
+        "kl" (K1): KL(p_source || p_theta) over the batch's candidates on its reliable queries.
+        "anchors" (K2): the stored source-like queries re-encoded with the current parameters: their
+        consistency with their stored candidates (``anchor_loss="consistency"``: the update must not hurt
+        what already works) or the KL of their in-anchor prediction to the stored source one ("kl").
+        "reliable" (K3): the consistency of the batch's own reliable queries (no extra forward).
+        """
+        know = self.hp["know"]
+        if know == "kl":
+            return C.kl_to_source(self._predict(q_src, g), logits, reliable) if reliable.any() else None
+        if know == "reliable":
+            return (1 - cons[reliable]).mean() if reliable.any() else None
+        if not len(self.anchors):
+            return None
+        qa = self.encode(self.anchors.inputs)
+        if self.hp["anchor_loss"] == "consistency":
+            return (1 - C.consistency(qa, self.anchors.g)).mean()
+        tau = self.hp["tau"]
+        everyone = torch.ones(len(qa), dtype=torch.bool, device=qa.device)
+        return C.kl_to_source(C.inbatch_logits(self.anchors.q, self.anchors.g, tau),
+                              C.inbatch_logits(qa, self.anchors.g, tau), everyone)
+
+    def _decoupled(self, l_know, loss, info):
+        """-> (``loss`` with its gradient replaced by the decoupled one, g_know). With
+        ``decouple_after="optimizer"`` the gradient is ``g_a + lambda_k g_k`` unprojected (the projection
+        then acts on the optimizer's update, :meth:`_project_update`)."""
         info["l_know"] = C.scalar(l_know)
         g_adapt = C.grads_of(loss, self.params, retain_graph=True)
         g_know = C.grads_of(l_know, self.params)
         mode = "off" if self.hp["decouple_after"] == "optimizer" else self.hp["decouple"]
-        grads, diag = C.decouple_gradients(g_adapt, g_know, mode, self.hp["lambda_k"])
+        grads, diag = C.decouple_gradients(g_adapt, g_know, mode, self.hp["lambda_k"],
+                                           margin_deg=self.hp["margin_deg"], keep=self.hp["keep"])
         info.update(diag)
         return C.surrogate_loss(loss, self.params, grads), g_know
 
@@ -145,7 +213,8 @@ class REST(Method):
         would (``<-d, g_k> < 0``), so ``-d`` goes through the same :func:`decouple_gradients` rule.
         """
         neg = [b - p for p, b in zip(self.params, before)]
-        projected, diag = C.decouple_gradients(neg, g_know, self.hp["decouple"])
+        projected, diag = C.decouple_gradients(neg, g_know, self.hp["decouple"], margin_deg=self.hp["margin_deg"],
+                                               keep=self.hp["keep"])
         for p, b, n, n_proj in zip(self.params, before, neg, projected):
             if n_proj is not n:  # untouched tensors keep the optimizer's result bit for bit
                 p.copy_(b - n_proj)

@@ -1,0 +1,158 @@
+"""REST's design space (issue 11): knowledge objectives K2/K3, combination rules, consistency variants,
+and the step-cost rules (one source forward per batch, no L_know backward when it changes nothing).
+Expected values are worked out by hand."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from queryshift.methods import components as C
+from tests.test_method_fidelity import adapted, make, tiny  # noqa: F401  (fixture)
+
+
+def _two_d(a, b):
+    return [torch.tensor(a, dtype=torch.float64)], [torch.tensor(b, dtype=torch.float64)]
+
+
+def test_margin_projects_only_tensors_past_the_margin_angle():
+    # g_a = (cos 100, sin 100), g_k = (1, 0): angle 100 degrees
+    t = math.radians(100)
+    ga, gk = _two_d([math.cos(t), math.sin(t)], [1.0, 0.0])
+    out, _ = C.decouple_gradients(ga, gk, "tensor", margin_deg=110.0)
+    assert torch.equal(out[0], ga[0])  # 100 < 110: not a conflict under this margin
+    out, _ = C.decouple_gradients(ga, gk, "tensor", margin_deg=95.0)
+    assert torch.allclose(out[0], torch.tensor([0.0, math.sin(t)], dtype=torch.float64))
+    out, _ = C.decouple_gradients(ga, gk, "global", margin_deg=95.0)
+    assert torch.allclose(out[0], torch.tensor([0.0, math.sin(t)], dtype=torch.float64))
+
+
+def test_keep_leaves_that_fraction_of_the_conflicting_component():
+    ga, gk = _two_d([-2.0, 1.0], [1.0, 0.0])  # conflicting component: (-2, 0)
+    out, _ = C.decouple_gradients(ga, gk, "tensor", keep=0.25)
+    assert torch.allclose(out[0], torch.tensor([-0.5, 1.0], dtype=torch.float64))
+    out, _ = C.decouple_gradients(ga, gk, "tensor", keep=1.0)
+    assert torch.allclose(out[0], ga[0])
+
+
+def test_agreement_and_margin_losses_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    mask = torch.tensor([True, True, False])
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(math.exp(1) / (math.exp(1) + 1))) / 2
+    assert math.isclose(float(C.agreement_loss(logits, torch.tensor([0, 1, 0]), mask)), expected, rel_tol=1e-6)
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.3, 0.8], [0.0, 0.0, 0.0]])
+    assert math.isclose(float(C.margin_loss(scores, mask)), -(0.4 + 0.5) / 2, rel_tol=1e-6)
+    assert C.margin_loss(scores, torch.zeros(3, dtype=torch.bool)) is None
+
+
+def test_anchor_store_keeps_the_most_source_like_raw_inputs_and_freezes():
+    store = C.AnchorStore(size=3, warmup=2)
+    gen = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(6, 4, generator=gen), dim=1)
+    g = F.normalize(q + 0.1 * torch.randn(6, 4, generator=gen), dim=1)
+    g[:2] = -q[:2]  # rows 0 and 1: far from their candidates, the least source-like
+    inputs = torch.arange(6).float()[:, None].expand(6, 5).clone()
+    store.update(inputs, q, g, batch_index=0, step=0)
+    ind = C.source_like_indicator(q, g)
+    best = torch.argsort(ind)[:3]
+    assert sorted(store.inputs[:, 0].long().tolist()) == sorted(best.tolist())
+    assert not {0, 1} & set(store.inputs[:, 0].long().tolist())
+    frozen = store.inputs.clone()
+    store.update(inputs * 0, q, g, batch_index=2, step=0)  # past the warm-up
+    store.update(inputs * 0, q, g, batch_index=1, step=1)  # not step 0
+    assert torch.equal(store.inputs, frozen)
+
+
+def test_concat_inputs_pads_token_batches_of_other_widths():
+    a = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    b = {"input_ids": torch.full((1, 5), 7), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    c = C.concat_inputs(a, b)
+    assert c["input_ids"].shape == (3, 5) and c["input_ids"][0].tolist() == [1, 1, 1, 0, 0]
+    assert c["attention_mask"][1].tolist() == [1, 1, 1, 0, 0]
+
+
+def _take_steps(m, xs):
+    for x in xs:
+        m.step(x)
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_k2_knowledge_gradient_is_the_anchor_consistency_and_the_sgd_update_respects_it(tiny, monkeypatch,  # noqa: F811
+                                                                                         modality):
+    m = make(tiny, "rest", modality, steps=1, optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0,
+             hparams={"know": "anchors", "n_anchors": 4, "queue_batches": 2})
+    xs = tiny[2][modality]
+    for g in m.optimizer.param_groups:
+        g["lr"] = 1e-2
+    _take_steps(m, xs[:2])  # fills the queue and the anchors
+    for g in m.optimizer.param_groups:
+        g["lr"] = 1.0
+    assert len(m.anchors) == 4
+    # g_k by hand: the gradient of mean(1 - q_a . g~_a) over the re-encoded anchors
+    m.optimizer.zero_grad(set_to_none=True)
+    qa = m.encode(m.anchors.inputs)
+    (1 - (qa * m.anchors.g).sum(1)).mean().backward()
+    g_k = [p.grad.clone() for p in m.params]
+    m.optimizer.zero_grad(set_to_none=True)
+    before = adapted(m)
+    _, log = m.step(xs[2])
+    assert "skipped" not in log and "l_know" in log
+    for (n, p), gk in zip(m.named_params, g_k):
+        d = p.detach() - before[n]
+        # minus the projected gradient has no positive inner product with -g_k: it does not raise L_know
+        assert float((d * gk).sum()) <= 1e-6 * float(d.norm() * gk.norm() + 1e-30), n
+
+
+def test_k2_anchors_survive_a_checkpoint(tiny):  # noqa: F811
+    m = make(tiny, "rest", "image", steps=1, hparams={"know": "anchors", "n_anchors": 4, "queue_batches": 2})
+    _take_steps(m, tiny[2]["image"][:2])
+    state = m.state_dict()
+    m2 = make(tiny, "rest", "image", steps=1, hparams={"know": "anchors", "n_anchors": 4, "queue_batches": 2})
+    m2.load_state_dict(state)
+    assert torch.equal(m2.anchors.inputs, m.anchors.inputs) and torch.equal(m2.anchors.g, m.anchors.g)
+
+
+def test_k3_knowledge_loss_is_the_reliable_queries_consistency(tiny, monkeypatch):  # noqa: F811
+    m = make(tiny, "rest", "text", steps=1, hparams={"know": "reliable", "queue_batches": 1})
+    seen = []
+    real = C.grads_of
+    monkeypatch.setattr(C, "grads_of", lambda loss, params, retain_graph=False:
+                        seen.append(float(loss.detach())) or real(loss, params, retain_graph))
+    xs = tiny[2]["text"]
+    m.step(xs[0])
+    with torch.no_grad():
+        q = m.encode(xs[1])
+        g, _ = C.candidates(q @ m.gallery.T, m.gallery)
+        ent = C.entropy(C.inbatch_logits(q, g, m.hp["tau"]))
+        reliable = ent <= m.queue.max_entropy
+        expected = float((1 - (q * g).sum(1)[reliable]).mean())
+    seen.clear()
+    _, log = m.step(xs[1])
+    assert reliable.any() and len(seen) == 2  # g_adapt, then g_know
+    assert math.isclose(seen[1], expected, rel_tol=1e-5) and math.isclose(log["l_know"], expected, rel_tol=1e-5)
+
+
+def test_source_forward_once_per_batch_and_no_know_backward_without_decoupling(tiny, monkeypatch):  # noqa: F811
+    m = make(tiny, "rest", "image", steps=3, hparams={"queue_batches": 1})
+    calls = []
+    real_src = type(m).encode_with_source
+    monkeypatch.setattr(type(m), "encode_with_source", lambda self, x: calls.append(1) or real_src(self, x))
+    xs = tiny[2]["image"]
+    m.step(xs[0])
+    m.step(xs[1])
+    assert len(calls) == 2  # one source forward per batch, not one per step
+    off = make(tiny, "rest", "image", steps=1, hparams={"decouple": "off", "queue_batches": 1})
+    grads = []
+    real = C.grads_of
+    monkeypatch.setattr(C, "grads_of", lambda *a, **k: grads.append(1) or real(*a, **k))
+    calls.clear()
+    off.step(xs[0])
+    off.step(xs[1])
+    assert grads == [] and calls == []  # decoupling off: no L_know, no source forward, no extra backward
+
+
+def test_unknown_design_choices_are_refused(tiny):  # noqa: F811
+    for key, bad in (("know", "k9"), ("con", "cosine"), ("anchor_loss", "l2")):
+        with pytest.raises(ValueError, match=key):
+            make(tiny, "rest", "image", hparams={key: bad})
