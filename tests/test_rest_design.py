@@ -156,3 +156,31 @@ def test_unknown_design_choices_are_refused(tiny):  # noqa: F811
     for key, bad in (("know", "k9"), ("con", "cosine"), ("anchor_loss", "l2")):
         with pytest.raises(ValueError, match=key):
             make(tiny, "rest", "image", hparams={key: bad})
+
+
+def test_gradient_subspace_removes_the_protected_directions_by_hand():
+    sub = C.GradientSubspace(energy=0.99, max_rank=1)
+    sub.add([torch.tensor([3.0, 0.0, 0.0])])
+    sub.add([torch.tensor([-1.0, 0.0, 0.0])])
+    out = sub.project([torch.tensor([2.0, 5.0, -1.0])])
+    assert torch.allclose(out[0], torch.tensor([0.0, 5.0, -1.0]), atol=1e-6)
+    sub.add([torch.tensor([0.0, 1.0, 0.0])])  # frozen: later gradients change nothing
+    assert torch.allclose(sub.project([torch.tensor([1.0, 1.0, 1.0])])[0], torch.tensor([0.0, 1.0, 1.0]), atol=1e-6)
+
+
+def test_k4_updates_after_the_warm_up_are_orthogonal_to_the_protected_subspace(tiny):  # noqa: F811
+    m = make(tiny, "rest", "text", steps=1, optimizer="sgd", lr=1e-2, momentum=0.0, weight_decay=0.0,
+             hparams={"know": "subspace", "queue_batches": 2, "subspace_rank": 2})
+    xs = tiny[2]["text"]
+    _take_steps(m, xs[:2])
+    assert m.subspace.basis is None and len(m.subspace.rows) >= 1  # collected during the warm-up
+    before = adapted(m)
+    _, log = m.step(xs[2])
+    assert "skipped" not in log and log["subspace_rank"] > 0
+    moved = False
+    for (n, p), u in zip(m.named_params, m.subspace.basis):
+        d = (p.detach() - before[n]).flatten()
+        moved |= bool(d.abs().sum() > 0)
+        if u.shape[1]:
+            assert float((u.T @ d).abs().max()) <= 1e-4 * float(d.norm() + 1e-12), n  # float32 rounding
+    assert moved

@@ -217,6 +217,53 @@ class AnchorStore:
         self.indicator, self.q, self.g = (t[keep] for t in new[1:])
 
 
+class GradientSubspace:
+    """Protected gradient directions, as GPM in continual learning (REST's K4 knowledge objective).
+
+    While collecting, :meth:`add` stores one gradient (a list of tensors) of the knowledge objective; the
+    first :meth:`project` after that freezes, per parameter tensor, the top singular directions of the
+    stored gradients that hold ``energy`` of their squared norm (at most ``max_rank``). :meth:`project`
+    then removes from a gradient its component in those directions, so updates leave the protected
+    behaviour unchanged to first order.
+    """
+
+    def __init__(self, energy: float = 0.9, max_rank: int = 4):
+        self.energy, self.max_rank = float(energy), int(max_rank)
+        self.rows: list[list[torch.Tensor]] = []
+        self.basis: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.basis is None else sum(int(b.shape[1]) for b in self.basis)
+
+    @torch.no_grad()
+    def add(self, grads: Sequence[torch.Tensor]) -> None:
+        if self.basis is None and all(torch.isfinite(g).all() for g in grads):
+            self.rows.append([g.detach().flatten().clone() for g in grads])
+
+    @torch.no_grad()
+    def _freeze(self) -> None:
+        self.basis = []
+        for i in range(len(self.rows[0]) if self.rows else 0):
+            m = torch.stack([r[i] for r in self.rows], dim=1)  # d x n
+            u, sv, _ = torch.linalg.svd(m, full_matrices=False)
+            share = (sv**2).cumsum(0) / (sv**2).sum().clamp_min(1e-30)
+            rank = min(self.max_rank, int((share < self.energy).sum()) + 1) if float(sv[0]) > 0 else 0
+            self.basis.append(u[:, :rank].contiguous())
+        self.rows = []
+
+    @torch.no_grad()
+    def project(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.basis is None:
+            if not self.rows:
+                return list(grads)
+            self._freeze()
+        out = []
+        for g, u in zip(grads, self.basis):
+            flat = g.flatten()
+            out.append((flat - u @ (u.T @ flat)).view_as(g) if u.shape[1] else g)
+        return out
+
+
 # -- QS-robust loss terms --------------------------------------------------------------------------
 
 

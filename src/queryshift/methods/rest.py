@@ -31,6 +31,9 @@ Per step (``Q`` query embeddings with gradient, ``S = Q G^T`` returned as scores
   queries, no extra forward); combination: ``margin_deg`` (a tensor conflicts only past this angle,
   >= 90) and ``keep`` (fraction of the conflicting component kept); ``con`` = "queue" (the hinge above) |
   "agree" (cross-entropy of the prediction toward its raw top-1) | "margin" (``-(s_top1 - s_top2)``).
+  ``know="subspace"`` (K4, as GPM): during the queue's warm-up the gradients of the reliable queries'
+  consistency are collected; then every update is projected off their top singular directions
+  (``subspace_energy`` of the squared norm, at most ``subspace_rank`` per tensor); no conflict test.
   K1's source forward is computed once per batch, not per step.
 - **where the projection acts** (``decouple_after``): "gradient" (default) projects the gradient *before*
   the optimizer. With plain SGD (no momentum, no weight decay) the applied update is then minus the
@@ -73,7 +76,7 @@ from .base import Method
 
 KNOWN_CHOICES = {
     "decouple": ("tensor", "global", "off"), "decouple_after": ("gradient", "optimizer"),
-    "know": ("kl", "anchors", "reliable"), "anchor_loss": ("consistency", "kl"),
+    "know": ("kl", "anchors", "reliable", "subspace"), "anchor_loss": ("consistency", "kl"),
     "con": ("queue", "agree", "margin"),
 }
 
@@ -88,9 +91,9 @@ class REST(Method):
         "decouple": "tensor", "lambda_k": 0.0, "log_angle": False, "decouple_after": "gradient",
         # the REST design space (issue 11): knowledge objective, combination rule, consistency term
         "know": "kl", "n_anchors": 16, "anchor_loss": "consistency",
-        "margin_deg": 90.0, "keep": 0.0, "con": "queue",
+        "margin_deg": 90.0, "keep": 0.0, "con": "queue", "subspace_energy": 0.9, "subspace_rank": 4,
     }
-    state_attrs = ("queue", "anchors")
+    state_attrs = ("queue", "anchors", "subspace")
 
     def init_state(self):
         for key, allowed in KNOWN_CHOICES.items():
@@ -99,6 +102,7 @@ class REST(Method):
         self.queue = C.SourceLikeQueue(self.hp["queue_size"], self.hp["queue_frac"], self.hp["queue_batches"])
         self.anchors = C.AnchorStore(self.hp["n_anchors"] if self.hp["know"] == "anchors" else 0,
                                      self.hp["queue_batches"])
+        self.subspace = C.GradientSubspace(self.hp["subspace_energy"], self.hp["subspace_rank"])
         self._source_embeddings = None  # (batch_index, Q under theta_0): constant within a batch
 
     def _predict(self, q, g):
@@ -146,7 +150,9 @@ class REST(Method):
         active = [w * v for w, v in terms.values() if v is not None and w]
         loss = sum(active) if active else None
         g_know = None
-        if loss is not None and need_know:
+        if loss is not None and hp["know"] == "subspace":
+            loss = self._subspace_protected(q, g, cons, reliable, loss, step, info)
+        elif loss is not None and need_know:
             l_know = self._knowledge_loss(q_src, q, g, logits, cons, reliable)
             if l_know is not None:
                 loss, g_know = self._decoupled(l_know, loss, info)
@@ -191,6 +197,20 @@ class REST(Method):
         everyone = torch.ones(len(qa), dtype=torch.bool, device=qa.device)
         return C.kl_to_source(C.inbatch_logits(self.anchors.q, self.anchors.g, tau),
                               C.inbatch_logits(qa, self.anchors.g, tau), everyone)
+
+    def _subspace_protected(self, q, g, cons, reliable, loss, step, info):
+        """K4: while the queue fills, collect the gradient of the reliable queries' consistency (what
+        already works); afterwards project every update off its principal directions."""
+        if self.queue.accepts(self.batch_index, step) and reliable.any():
+            l_know = (1 - cons[reliable]).mean()
+            info["l_know"] = C.scalar(l_know)
+            self.subspace.add(C.grads_of(l_know, self.params, retain_graph=True))
+            return loss
+        if self.queue.accepts(self.batch_index, step) or not len(self.subspace):
+            return loss
+        grads = self.subspace.project(C.grads_of(loss, self.params, retain_graph=True))
+        info["subspace_rank"] = len(self.subspace)
+        return C.surrogate_loss(loss, self.params, grads)
 
     def _decoupled(self, l_know, loss, info):
         """-> (``loss`` with its gradient replaced by the decoupled one, g_know). With
