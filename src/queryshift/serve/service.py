@@ -120,7 +120,10 @@ class OnlineService:
         the memory bank of its lane (unless ``adapt`` is false: source parameters, not banked)."""
         if not 1 <= k <= self.cfg.max_k:
             raise InputError(422, f"k must be in 1..{self.cfg.max_k}, got {k}")
-        item = self.query_item(modality, value)
+        return self.answer(modality, self.query_item(modality, value), k, adapt)
+
+    def answer(self, modality: str, item, k: int = 10, adapt: bool = True) -> dict[str, Any]:
+        """:meth:`search` for a model-ready item (a preprocessed image tensor or a cleaned text)."""
         lane = self.lanes[modality]
         x = lane.retriever.model_input(collate([(0, 0, item)])[2])
         use_adapted = adapt and self.cfg.adapt
