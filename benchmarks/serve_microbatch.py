@@ -80,9 +80,14 @@ def main(argv=None) -> int:
                             shift=args.shift, lr=args.lr, seed=args.seed, max_queries=args.queries,
                             cache_dir=cache_dir, progress=False))
     offline_seconds = round(time.time() - t0, 1)
-    sizes = [int(m) for m in args.micro_batches.split(",")]
-    rows = [served_r1(args, m, cache_dir, with_source=(i == 0)) for i, m in enumerate(sizes)]
-    source = rows[0]["source_r1"]
+    print(f"offline: r1 {offline['r1']:.2f}, {offline_seconds} s", file=sys.stderr, flush=True)
+    sizes = sorted((int(m) for m in args.micro_batches.split(",")), reverse=True)  # cheapest first
+    rows = []
+    for i, m in enumerate(sizes):
+        rows.append(served_r1(args, m, cache_dir, with_source=(i == 0)))
+        print(f"served: {rows[-1]}", file=sys.stderr, flush=True)  # progress: the slow rows come last
+    rows.reverse()
+    source = rows[-1]["source_r1"]
 
     lr = args.lr if args.lr is not None else offline["lr"]
     print(f"# served R@1, {args.method} (lr {lr:g}), {args.data} {args.direction}, shift {args.shift}, "

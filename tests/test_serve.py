@@ -256,3 +256,22 @@ def test_reset_endpoint_returns_to_source_and_is_snapshotted(tmp_path):
         assert client.get("/stats").json()["manual_resets"] == 1
     restarted = service(tmp_path, state_dir=state)
     assert restarted.answering.adapted == {"image": False, "text": False}
+
+
+def test_cli_options_and_defaults():
+    from queryshift.cli import build_parser
+    from queryshift.commands.serve import config_from_args
+
+    args = build_parser().parse_args(["serve", "--model", "shapes-clip", "--data", "shapes:test:24",
+                                      "--method", "tcr", "--port", "8123", "--state-dir", "/tmp/x"])
+    cfg = config_from_args(args)
+    assert (cfg.host, cfg.port, cfg.snapshot_every) == ("127.0.0.1", 8123, 10)
+    assert (cfg.method, cfg.state_dir) == ("tcr", "/tmp/x")
+    assert cfg.loopback() and cfg.adapt and cfg.modalities == ("image", "text")
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--no-adapt", "--modalities", "text"])
+    cfg = config_from_args(args)
+    assert not cfg.loopback() and not cfg.adapt and cfg.modalities == ("text",)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        config_from_args(build_parser().parse_args(["serve", "--method", "nope"]))
+    with pytest.raises(ValueError, match="adapt_batch"):
+        config_from_args(build_parser().parse_args(["serve", "--micro-batch", "32", "--adapt-batch", "16"]))
