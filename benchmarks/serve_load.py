@@ -130,7 +130,7 @@ def load(port_of, bodies: list[bytes], concurrency: int, k: int, deadline: float
                     conn = None
                     with lock:
                         state["retries"] += 1
-                    time.sleep(0.2)
+                    time.sleep(0.5)
                     continue
                 ok = resp.status == 200
                 if ok:
@@ -185,6 +185,7 @@ def main(argv=None) -> int:
     log_path = os.path.join(work, "server.log")
     bodies = make_queries(args)
     rows, failed = [], False
+    load_start = os.getloadavg()[0]  # the machine may be shared: context for the latencies
 
     for label, adapt in (("no adaptation (--no-adapt)", False), (f"adaptation ({args.method})", True)):
         server = Server(args, free_port(), os.path.join(work, f"state-{adapt}"), adapt, log_path)
@@ -241,8 +242,10 @@ def main(argv=None) -> int:
              skipped=after["skipped_updates"], resets=after["resets"], queries_counted=None)
     rows.append(r)
 
+    load_end = os.getloadavg()[0]
     print(f"# queryshift serve under load: {args.queries} queries (half captions, half images) over "
-          f"{args.concurrency} connections, gallery {args.data}, k {args.k}, {os.cpu_count()} CPU cores\n")
+          f"{args.concurrency} connections, gallery {args.data}, k {args.k}, {os.cpu_count()} CPU cores "
+          f"(load average {load_start:.1f} at the start, {load_end:.1f} at the end)\n")
     print("| run | answered | server counted | errors | lost | retried connections | p50 ms | p99 ms | queries/s | "
           "updates |")
     print("|---|---|---|---|---|---|---|---|---|---|")

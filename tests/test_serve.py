@@ -275,3 +275,32 @@ def test_cli_options_and_defaults():
         config_from_args(build_parser().parse_args(["serve", "--method", "nope"]))
     with pytest.raises(ValueError, match="adapt_batch"):
         config_from_args(build_parser().parse_args(["serve", "--micro-batch", "32", "--adapt-batch", "16"]))
+
+
+def test_a_failing_update_is_counted_and_the_worker_goes_on(tmp_path):
+    s = service(tmp_path, start_worker=True, max_wait=0.0, max_update_rate=100.0)
+    lane = s.lanes["text"]
+    original, calls, done = lane.retriever.adapt, [], threading.Event()
+
+    def fails_once(x):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory, say")
+        out = original(x)
+        done.set()
+        return out
+
+    lane.retriever.adapt = fails_once
+    try:
+        s.search("text", s.dataset.texts[0])
+        for _ in range(600):  # bounded: until the first (failing) update has been counted
+            if s.stats()["failures"]:
+                break
+            threading.Event().wait(0.1)
+        stats = s.stats()
+        assert stats["failures"] == 1 and "out of memory, say" in stats["last_error"]
+        s.search("text", s.dataset.texts[1])
+        assert done.wait(60) and s.worker.is_alive()
+    finally:
+        s.close()
+    assert s.updates == 1
