@@ -5,7 +5,7 @@ so a request that used that model could read half-updated parameters or wait for
 requests use :class:`AnsweringModel`: a copy of the model that owns only the adaptable parameters (a few
 LayerNorms) and shares every frozen tensor with the worker's model. After an update the worker
 *publishes* the new values into the copy; the lock is held only for one request's forward or for that
-copy of a few kilobytes, never for an update. A second such copy keeps the source parameters for
+copy of the LayerNorm parameters, never for an update. A second such copy keeps the source parameters for
 requests that ask not to be adapted.
 """
 
