@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU/GPU users pick their own torch build, e.g. TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# Debian data the word-level text corruptions read (WordNet); skipped where apt-get is unavailable
-APT_PACKAGES ?= wordnet-base
+# Debian packages, skipped where apt-get is unavailable: WordNet data for the word-level text corruptions,
+# Chromium and its WebDriver for the browser test of the `queryshift serve` page (it skips without them)
+APT_PACKAGES ?= wordnet-base chromium chromium-driver
 
 .PHONY: setup system-deps test lint demo clean
 
@@ -19,12 +20,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 system-deps:
-	@if [ -d /usr/share/wordnet ]; then :; \
+	@if [ -d /usr/share/wordnet ] && command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
 		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
-	else echo "note: install WordNet data ($(APT_PACKAGES)) for the word-level text corruptions"; fi
+	else echo "note: install $(APT_PACKAGES) (WordNet data for the word-level text corruptions, Chromium for the serve page test)"; fi
 
 setup: system-deps $(VENV)/.installed
 

@@ -9,7 +9,7 @@ import sys
 from . import __version__
 
 # module names under queryshift.commands; each defines add_parser(subparsers) and main(args)
-COMMANDS = ("run", "bench", "corrupt", "train_source", "info")
+COMMANDS = ("run", "bench", "corrupt", "train_source", "info", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,16 +30,24 @@ class Retriever:
         return self.method.step(query_input)
 
     @torch.no_grad()
+    def encode(self, query_input, source: bool = False) -> torch.Tensor:
+        """Query embeddings with the current parameters (or the source ones), without adapting."""
+        return self.method.encode_with_source(query_input) if source else self.method.encode(query_input)
+
+    @torch.no_grad()
     def scores(self, query_input, source: bool = False) -> torch.Tensor:
         """Scores against the gallery with the current parameters (or the source ones), without adapting."""
-        q = self.method.encode_with_source(query_input) if source else self.method.encode(query_input)
-        return q @ self.gallery.T
+        return self.encode(query_input, source) @ self.gallery.T
 
     @torch.no_grad()
     def search(self, query_input, k: int = 10, source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` gallery scores and indices per query (B x k each), highest first."""
         scores = self.scores(query_input, source)
         return scores.topk(min(k, scores.shape[1]), dim=1)
+
+    def adapted_parameters(self) -> dict[str, torch.Tensor]:
+        """A copy of the parameters the method adapts (qualified names in the model), current values."""
+        return {n: p.detach().clone() for n, p in self.method.named_params}
 
     def state_dict(self) -> dict[str, Any]:
         return self.method.state_dict()

@@ -1,0 +1,118 @@
+"""The web page of ``queryshift serve``, driven in headless Chromium (Debian's chromium + chromium-driver)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+
+import pytest
+
+pytest.importorskip("uvicorn", reason="queryshift serve needs the 'serve' extra (fastapi, uvicorn, httpx)")
+pytest.importorskip("selenium", reason="the page test needs selenium (the 'serve' extra)")
+
+import uvicorn  # noqa: E402
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from queryshift.serve.app import create_app  # noqa: E402
+
+from .serve_helpers import free_port, png_bytes, service  # noqa: E402
+
+os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never try to download a browser or driver
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="headless browser test needs Debian's 'chromium' and 'chromium-driver' (make system-deps installs them "
+           "where apt is available)")
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = service(tmp_path, start_worker=True, micro_batch=2, adapt_batch=4, max_wait=0.0, max_update_rate=50.0)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    for _ in range(600):  # bounded wait for the port to open
+        if uv.started:
+            break
+        thread.join(0.1)
+    assert uv.started, "uvicorn did not start"
+    yield s, f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="queryshift-chromium-")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1200,1000", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait(driver, condition, what):
+    return WebDriverWait(driver, 60, poll_frequency=0.2).until(lambda d: condition(d), message=what)
+
+
+def test_page_searches_uploads_toggles_and_plots(server, browser, tmp_path):
+    s, url = server
+    d = browser
+    d.get(url + "/")
+    wait(d, lambda d: "rest on shapes-clip" in d.find_element(By.ID, "info").text, "the server info")
+
+    # a text query: a grid of gallery images with scores
+    d.find_element(By.ID, "query").send_keys(s.dataset.texts[10])
+    d.find_element(By.ID, "search-btn").click()
+    wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results.grid .result img")) == 12, "12 image results")
+    first = d.find_element(By.CSS_SELECTOR, "#results .result")
+    assert first.get_attribute("data-id") == "2"  # text 10 describes image 2
+    wait(d, lambda d: d.execute_script(
+        "return document.querySelector('#results img').naturalWidth") > 0, "the gallery image to load")
+    assert "source parameters" in d.find_element(By.ID, "status").text  # nothing adapted before it
+
+    # an uploaded image: a list of captions with scores
+    path = tmp_path / "query.png"
+    path.write_bytes(png_bytes(s.dataset.load_image(4)))
+    d.find_element(By.ID, "image-file").send_keys(str(path))
+    wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results.list .result")) == 12, "12 caption results")
+    assert int(d.find_element(By.CSS_SELECTOR, "#results .result").get_attribute("data-id")) in s.dataset.img2txt[4]
+
+    # the worker adapts (micro-batch 2); the stats and the live plot follow
+    query = d.find_element(By.ID, "query")
+    for i in range(3):
+        query.clear()
+        query.send_keys(s.dataset.texts[20 + i])
+        d.find_element(By.ID, "search-btn").click()
+    wait(d, lambda d: int(d.find_element(By.ID, "stat-updates").text) >= 1, "an update in the stats line")
+    wait(d, lambda d: int(d.find_element(By.ID, "plot-uniformity").get_attribute("data-points") or 0) >= 1,
+         "a point in the uniformity plot")
+    wait(d, lambda d: s.answering.adapted["text"], "adapted text parameters")
+    query.clear()
+    query.send_keys(s.dataset.texts[10])
+    d.find_element(By.ID, "search-btn").click()
+    wait(d, lambda d: "adapted parameters" in d.find_element(By.ID, "status").text, "an adapted answer")
+
+    # the adapt toggle off: the source parameters answer
+    d.find_element(By.ID, "adapt").click()
+    d.find_element(By.ID, "search-btn").click()
+    wait(d, lambda d: "source parameters" in d.find_element(By.ID, "status").text, "a source answer")
+
+    # bad input is shown, not swallowed
+    query.clear()
+    query.send_keys("!!! ...")
+    d.find_element(By.ID, "search-btn").click()
+    wait(d, lambda d: "error 422" in d.find_element(By.ID, "error").text, "the 422 message")
+    d.save_screenshot(str(tmp_path / "page.png"))
