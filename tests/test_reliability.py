@@ -20,7 +20,7 @@ import torch
 from queryshift import locks, methods
 from queryshift.cli import COMMANDS, build_parser
 from queryshift.cli import main as cli_main
-from queryshift.commands import bench, corrupt
+from queryshift.commands import corrupt
 from queryshift.commands.run import config_from_args
 from queryshift.engine import RunConfig, run, write_json
 from queryshift.methods.base import Method
@@ -168,14 +168,14 @@ def test_gallery_cache_is_written_under_its_lock(karpathy, tmp_path, monkeypatch
     seen = []
     real_save = torch.save
 
-    def save(obj, path, *a, **kw):
-        try:  # another writer trying the same cache entry while this one writes must not get in
-            with locks.exclusive_lock(gallery.cache_lock_path(os.path.join(tmp_path / "cache" / "gallery")),
-                                      wait=False):
+    def save(obj, tmp, *a, **kw):
+        entry = str(tmp).rsplit(".", 2)[0]  # <entry>.<pid>.tmp
+        try:  # another writer of the same cache entry must not get in while this one writes
+            with locks.ExclusiveLock(f"{entry}.lock", wait=False):
                 seen.append("free")
-        except locks.LockedError:
-            seen.append("held")
-        return real_save(obj, path, *a, **kw)
+        except locks.LockedError as err:
+            seen.append("held" if str(os.getpid()) in str(err) else str(err))
+        return real_save(obj, tmp, *a, **kw)
 
     monkeypatch.setattr(gallery.torch, "save", save)
     data, root = karpathy
@@ -472,10 +472,14 @@ def test_non_utf8_config_is_named(tmp_path, capsys):
     assert "c.yaml" in err and "UTF-8" in err
 
 
-def test_bench_suite_is_found_from_any_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    args = build_parser().parse_args(["bench", "--suite", "synthetic", "--out", "unused"])
-    assert bench.plan(args)[0]["runs"]
+def test_bench_suite_is_found_from_any_directory(tmp_path):
+    code = ("from queryshift.cli import build_parser; from queryshift.commands import bench; "
+            "args = build_parser().parse_args(['bench', '--suite', 'synthetic', '--out', 'unused']); "
+            "print(len(bench.plan(args)[0]['runs']))")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 0
 
 
 def test_no_progress_hides_every_bar(karpathy, tmp_path, capsys):

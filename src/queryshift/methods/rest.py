@@ -44,6 +44,7 @@ import torch
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 
 class REST(Method):
@@ -54,6 +55,14 @@ class REST(Method):
         "t": 0.1, "rem_eps": 1e-3,
         "w_ent": 1.0, "w_uni": 1.0, "w_gap": 1.0, "w_con": 1.0,
         "decouple": "tensor", "lambda_k": 0.0, "log_angle": True,
+    }
+    hparam_spec = {
+        "tau": HP(float, gt=0), "refine": HP(bool), "topk": HP(int, ge=1),
+        "queue_size": HP(int, ge=1), "queue_frac": HP(float, ge=0, le=1, min_selected=1),
+        "queue_batches": HP(int, ge=0),
+        "t": HP(float, gt=0), "rem_eps": HP(float, ge=0),
+        "w_ent": HP(float, ge=0), "w_uni": HP(float, ge=0), "w_gap": HP(float, ge=0), "w_con": HP(float, ge=0),
+        "decouple": HP(str, choices=("tensor", "global", "off")), "lambda_k": HP(float, ge=0), "log_angle": HP(bool),
     }
     state_attrs = ("queue",)
 
