@@ -500,3 +500,34 @@ def test_commands_named_in_help_exist():
     named = {m for t in texts for m in re.findall(r"queryshift ([a-z][a-z_-]+)", t)}
     known = {c.replace("_", "-") for c in COMMANDS} | set(sub.choices)
     assert named and named <= known, named - known
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("--image-root", "/nonexistent/images", "image_root /nonexistent/images: not a directory"),
+    ("--device", "nosuchdevice", "device 'nosuchdevice'"),
+    ("--device", "cuda", "no CUDA device"),
+])
+def test_unusable_image_root_or_device_fails_before_the_model_loads(argv, tmp_path, capsys, monkeypatch,
+                                                                     option, value, match):
+    from queryshift.engine import runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runner, "load_source", lambda *a, **kw: pytest.fail("model loaded before the check"))
+    assert cli_main([*argv, option, value, "--out", str(tmp_path / "r")]) == 2  # the last --image-root wins
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_second_bench_on_one_out_fails_at_once(karpathy, tmp_path, capsys):
+    data, root = karpathy
+    out = tmp_path / "b"
+    out.mkdir()
+    argv = ["bench", "--model", MODEL, "--data", data, "--image-root", root, "--methods", "source",
+            "--directions", "i2t", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    with locks.exclusive_lock(str(out)):
+        assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"bench output directory {out}" in err and f"pid {os.getpid()}" in err
+    assert not (out / "runs").exists()
+    assert cli_main([*argv, "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err

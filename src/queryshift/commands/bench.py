@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from ..engine import RESUME_FREE, RunConfig, run, write_json
+from ..locks import ExclusiveLock
 from ..runinfo import git_commit, versions
 from .run import add_run_options, config_from_args
 
@@ -368,12 +369,16 @@ def report(tables, records, out: str, title: str, command: str, report_path: str
 def main(args) -> int:
     if args.notes:
         read_notes(args.notes)  # a missing notes file fails now, not after the last run
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     tables = plan(args)  # the whole grid is checked before anything is written
     os.makedirs(args.out, exist_ok=True)
-    records = execute(tables, args.out, progress=args.progress is not False, jobs=args.jobs)
     command = "queryshift " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
         "queryshift") else " ".join(shlex.quote(a) for a in sys.argv)
-    print(report(tables, records, args.out, args.title, command, args.report, args.notes))
+    with ExclusiveLock(args.out, what=f"bench output directory {args.out}"):  # one bench per --out
+        records = execute(tables, args.out, progress=args.progress is not False, jobs=args.jobs)
+        text = report(tables, records, args.out, args.title, command, args.report, args.notes)
+    print(text)
     print(f"wrote {args.report or os.path.join(args.out, 'results.md')}, {args.out}/results.json "
           f"and one PNG per table")
     return 0

@@ -6,6 +6,7 @@ Memory is bounded by batch x gallery: each batch's scores become per-query ranks
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import methods, shifts
-from ..data import duplicate_entries, load_dataset
+from ..data import DataError, duplicate_entries, load_dataset
 from ..methods.hparams import min_batch_size
 from ..metrics import batch_ranks
 from .config import RunConfig
@@ -35,6 +36,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t_start = time.time()
     torch.manual_seed(cfg.seed)  # runs are reproducible; load_source reseeds for the model itself
     np.random.seed(cfg.seed)
+    check_device(cfg.device)
+    if cfg.image_root and not os.path.isdir(cfg.image_root):
+        raise DataError(f"image_root {cfg.image_root}: not a directory (the folder the dataset's image paths "
+                        f"are relative to)")
     dataset = load_dataset(cfg.data, cfg.image_root, cfg.max_words)
     shift = shifts.build(cfg.shift, dataset.query_items(cfg.direction)[0], cfg.seed)  # a bad shift fails here
     rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite, cfg) if cfg.out else None
@@ -102,6 +107,17 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     if rundir:
         rundir.write_result(result, format_table([result]))
     return result
+
+
+def check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: {err}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available here; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu")
 
 
 def warn(message: str) -> str:
