@@ -432,8 +432,12 @@ def test_bench_validates_the_whole_grid_first(karpathy, tmp_path, capsys):
                      "--directions", "i2t", "--out", str(out), "--no-progress"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
     assert not (out / "runs").exists()
-    assert cli_main(["bench", "--model", MODEL, "--data", data, "--image-root", root, "--methods", "tent",
+    assert cli_main(["bench", "--model", MODEL, "--data", data, "--image-root", root, "--methods", "tent,tcr",
                      "--hparam", "tau=0", "--directions", "i2t", "--out", str(out), "--no-progress"]) == 2
+    assert "method 'tent': hyper-parameter tau must be > 0" in capsys.readouterr().err
+    assert cli_main(["bench", "--model", MODEL, "--data", data, "--image-root", root, "--methods", "source",
+                     "--shifts", "clean,gaussian_noise:7", "--out", str(out), "--no-progress"]) == 2
+    assert "severity must be 1-5, got 7" in capsys.readouterr().err
     assert not (out / "runs").exists()
 
 
@@ -531,3 +535,18 @@ def test_second_bench_on_one_out_fails_at_once(karpathy, tmp_path, capsys):
     assert not (out / "runs").exists()
     assert cli_main([*argv, "--jobs", "0"]) == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_full_disk_during_a_torch_save_is_enospc_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    from queryshift import atomic
+
+    def zip_writer_fails(obj, path, *a, **kw):  # what torch raises when the disk fills mid-write
+        open(path, "wb").write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(atomic.torch, "save", zip_writer_fails)
+    monkeypatch.setattr(atomic.os, "statvfs", lambda p: argparse.Namespace(f_bavail=0))
+    with pytest.raises(OSError) as info:
+        atomic.save_torch({"x": 1}, str(tmp_path / "state.pt"))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "state.pt")
+    assert os.listdir(tmp_path) == []

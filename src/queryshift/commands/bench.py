@@ -68,7 +68,8 @@ def _suite_path(name: str) -> str:
 
 def _overrides(args) -> dict[str, Any]:
     """Run settings given on the command line, which override every suite run."""
-    cfg = config_from_args(argparse.Namespace(**{**vars(args), "config": None}))
+    # hparams are checked in each grid point against its own method, not against the default one here
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "config": None, "hparam": None}))
     given = {k for k, v in vars(args).items() if v is not None}
     values = {k: v for k, v in vars(cfg).items() if k in given and k not in ("out", "config")}
     if args.hparam:
@@ -145,9 +146,17 @@ def _loads_models(spec: str | None) -> bool:
 
 def _fits(shift: str, direction: str) -> bool:
     from .. import shifts
+    from ..shifts.registry import ALIASES, IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS
 
     spec = None if shift == "clean" else shift
     modality, other = ("image", "text") if direction == "i2t" else ("text", "image")
+    name = (spec or "").partition(":")[0]
+    name = ALIASES.get(name, name)
+    if name in IMAGE_CORRUPTIONS or name in TEXT_CORRUPTIONS:  # a corruption's own modality decides
+        own = "image" if name in IMAGE_CORRUPTIONS else "text"
+        if not _loads_models(spec):
+            shifts.build(spec, own)  # e.g. a severity out of range: that error, not a modality mismatch
+        return own == modality
     try:
         shifts.build(spec, modality)
         return True

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import shifts
+from ..atomic import save_torch
 from ..data import RetrievalDataset
 from ..locks import cache_write_lock
 from ..models import DualEncoder, load_model
@@ -79,7 +80,5 @@ def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str,
                              cfg.device, cfg.progress)
         if not torch.isfinite(gallery).all() or (gallery.norm(dim=1) == 0).any():
             raise FloatingPointError("gallery embeddings contain NaN/inf or all-zero rows")
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(gallery.cpu(), tmp)
-        os.replace(tmp, path)
+        save_torch(gallery.cpu(), path)
     return gallery

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import shifts
+from ..atomic import write_text
 from ..metrics import batch_ranks, retrieval_metrics
 from ..runinfo import git_commit, versions
 from .config import RESULT_KEYS, RunConfig
@@ -89,17 +89,6 @@ def write_json(path: str, obj) -> None:
     """Write strict JSON atomically (a kill leaves the old file or the new one, never half of one)."""
     text = json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str)
     write_text(path, text)
-
-
-def write_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

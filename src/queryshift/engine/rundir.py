@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from ..atomic import save_torch, write_text
 from ..locks import ExclusiveLock
 from .config import RunConfig, settings_changed
-from .report import json_line, write_json, write_text
+from .report import json_line, write_json
 
 
 class RunDirError(ValueError):
@@ -27,9 +28,7 @@ class RunDirError(ValueError):
 
 
 def atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_torch(obj, path)
 
 
 def notice(message: str) -> None:
