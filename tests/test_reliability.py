@@ -461,8 +461,11 @@ def test_non_utf8_empty_and_wrong_format_data_are_named(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "lines.json").write_text('{"image": "a.jpg", "caption": "x"}\n{"image": "b.jpg", "caption": "y"}\n')
     (tmp_path / "latin1.csv").write_bytes("image,caption\na.jpg,caf\xe9\n".encode("latin-1"))
+    (tmp_path / "semicolon.csv").write_text("image;caption\na.jpg;x\n")
+    (tmp_path / "folder").mkdir()
     cases = {"latin1.json": "UTF-8", "empty.json": "no entries", "empty.jsonl": "no rows",
-             "lines.json": ".jsonl", "latin1.csv": "UTF-8"}
+             "lines.json": ".jsonl", "latin1.csv": "UTF-8", "semicolon.csv": "comma-separated",
+             "folder": "is a folder"}
     for name, match in cases.items():
         assert cli_main(["run", "--model", MODEL, "--data", str(tmp_path / name), "--no-progress"]) == 2
         err = capsys.readouterr().err

@@ -110,7 +110,7 @@ def load_pairs(path: str, image_root: str | None = None, max_words: int = 30, na
 
 def not_utf8(path: str, err: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
-                     f"re-save it as UTF-8")
+                     f"--data takes a Karpathy-split JSON or a .jsonl/.csv of image,caption rows, saved as UTF-8")
 
 
 def _read_rows(path):
@@ -121,7 +121,9 @@ def _read_rows(path):
             reader = csv.DictReader(f)
             missing = {"image", "caption"} - set(reader.fieldnames or [])
             if missing:
-                raise DataError(f"{path}: CSV header lacks column(s) {sorted(missing)}")
+                raise DataError(f"{path}: CSV header lacks column(s) {sorted(missing)} (found "
+                                f"{reader.fieldnames or 'no header'}); expected a comma-separated header "
+                                f"image,caption[,group]")
             for n, row in enumerate(reader, start=2):
                 yield n, {k: (v if v != "" else None) for k, v in row.items()}
         else:
@@ -140,6 +142,9 @@ def load_dataset(data: str, image_root: str | None = None, max_words: int = 30) 
     name, _, arg = data.partition(":")
     if name in DATASETS:
         return DATASETS[name](arg or None, image_root=image_root)
+    if os.path.isdir(data):
+        raise DataError(f"--data {data} is a folder: pass its annotation file (a Karpathy-split JSON or a "
+                        f".jsonl/.csv of image,caption rows) and the folder as --image-root")
     if data.endswith((".jsonl", ".csv")):
         return load_pairs(data, image_root, max_words)
     return load_karpathy(data, image_root, max_words=max_words)

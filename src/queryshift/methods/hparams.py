@@ -97,7 +97,7 @@ class HP:
         for bound, ok, sign in ((self.gt, lambda v, b: v > b, ">"), (self.ge, lambda v, b: v >= b, ">="),
                                 (self.lt, lambda v, b: v < b, "<"), (self.le, lambda v, b: v <= b, "<=")):
             if bound is not None and not ok(value, bound):
-                raise ValueError(f"{name} must be {sign} {bound:g} ({self.describe()}), got {value!r}")
+                raise ValueError(f"{name} must be {sign} {bound:g}, got {value!r}")
 
     def describe(self) -> str:
         kind = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[self.type]
