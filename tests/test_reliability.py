@@ -116,8 +116,10 @@ def test_resume_without_checkpoint_says_it_starts_over(argv, tmp_path, capsys):
     assert (out / "result.json").exists()
 
 
-def test_resume_and_overwrite_together_are_refused(argv, tmp_path):
+def test_resume_and_overwrite_together_are_refused(argv, tmp_path, capsys):
     assert cli_main([*argv, "--out", str(tmp_path / "r"), "--resume", "--overwrite"]) == 2
+    assert cli_main([*argv, "--resume"]) == 2  # without --out there is nothing to resume
+    assert "give --out" in capsys.readouterr().err
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_is_valid(argv, tmp_path):
@@ -337,6 +339,11 @@ def test_mostly_skipped_updates_warn_and_are_recorded(argv, tmp_path, capsys, te
     assert cli_main([*argv, "--method", "always-skips", "--out", str(out)]) == 0
     assert "skipped 2 of 2 updates" in capsys.readouterr().err
     assert any("skipped 2 of 2" in w for w in json.loads((out / "result.json").read_text())["warnings"])
+    bench_out = tmp_path / "b"  # a bench table's results.json carries each point's warnings too
+    assert cli_main(["bench", *argv[1:], "--methods", "always-skips", "--directions", "i2t",
+                     "--out", str(bench_out)]) == 0
+    (record,) = json.loads((bench_out / "results.json").read_text())["runs"]
+    assert any("skipped 2 of 2" in w for w in record["warnings"])
 
 
 def test_no_warning_for_a_healthy_run(argv, tmp_path, capsys):

@@ -26,7 +26,8 @@ from .run import add_run_options, config_from_args
 # the shipped suites live in the checkout's configs/suites; a configs/suites under the current directory wins
 PACKAGE_SUITES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "suites"))
 QUERY_MODALITY = {"i2t": "image", "t2i": "text"}
-_SLIM = ("r1", "r5", "r10", "r_mean", "map", "n_queries", "segments", "forgetting", "skipped_updates", "seconds")
+_SLIM = ("r1", "r5", "r10", "r_mean", "map", "n_queries", "segments", "forgetting", "skipped_updates", "warnings",
+         "seconds")
 
 
 def add_parser(subparsers) -> None:

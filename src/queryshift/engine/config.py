@@ -76,6 +76,9 @@ class RunConfig:
         need(self.record in ("first", "last"), "record", "'first' or 'last'", self.record)
         need(self.optimizer in ("adamw", "adam", "sgd"), "optimizer", "'adamw', 'adam' or 'sgd'", self.optimizer)
         need(self.on_nonfinite in ("skip", "raise"), "on_nonfinite", "'skip' or 'raise'", self.on_nonfinite)
+        if (self.resume or self.overwrite) and not self.out:
+            raise ValueError(f"--{'resume' if self.resume else 'overwrite'} applies to an output directory: "
+                             f"give --out")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
