@@ -115,27 +115,27 @@ def test_errors_name_key_and_file(tmp_path):
 
 def test_grid_bundles_and_rules(tmp_path):
     suite = _yaml(tmp_path / "s.yaml", """
-base: {model: shapes-clip, hparams: {a: 1}}
+base: {model: shapes-clip, hparams: {t: 0.2}}
 grid:
-  method: [source, tent]
+  method: [tcr, rest]
   dataset:
     - {label: one, data: one.json}
     - {data: two.json, image_root: imgs}
 rules:
-  - when: {method: tent, dataset: one}
+  - when: {method: rest, dataset: one}
     set: {hparams: {tau: 0.5}, steps: 1}
-published: {tent: 1.5}
+published: {rest: 1.5}
 """)
     base, labelled, published, _ = suite_runs(suite)
-    assert base == {"model": "shapes-clip", "hparams": {"a": 1}}
+    assert base == {"model": "shapes-clip", "hparams": {"t": 0.2}}
     assert [labels for labels, _ in labelled] == [
-        {"method": "source", "dataset": "one"}, {"method": "source", "dataset": "data=two.json,image_root=imgs"},
-        {"method": "tent", "dataset": "one"}, {"method": "tent", "dataset": "data=two.json,image_root=imgs"}]
+        {"method": "tcr", "dataset": "one"}, {"method": "tcr", "dataset": "data=two.json,image_root=imgs"},
+        {"method": "rest", "dataset": "one"}, {"method": "rest", "dataset": "data=two.json,image_root=imgs"}]
     runs = [r for _, r in labelled]
-    assert runs[2] == {"model": "shapes-clip", "method": "tent", "data": "one.json", "steps": 1,
-                       "hparams": {"a": 1, "tau": 0.5}}
-    assert runs[3]["hparams"] == {"a": 1} and runs[3]["image_root"] == "imgs"
-    assert published == {"tent": 1.5}
+    assert runs[2] == {"model": "shapes-clip", "method": "rest", "data": "one.json", "steps": 1,
+                       "hparams": {"t": 0.2, "tau": 0.5}}
+    assert runs[3]["hparams"] == {"t": 0.2} and runs[3]["image_root"] == "imgs"
+    assert published == {"rest": 1.5}
 
 
 def test_suite_shifts_are_known_corruptions():

@@ -184,3 +184,12 @@ def test_k4_updates_after_the_warm_up_are_orthogonal_to_the_protected_subspace(t
         if u.shape[1]:
             assert float((u.T @ d).abs().max()) <= 1e-4 * float(d.norm() + 1e-12), n  # float32 rounding
     assert moved
+
+
+def test_every_method_declares_a_type_and_range_for_every_hyper_parameter():
+    from queryshift import methods
+
+    for name in methods.available():
+        cls = methods.get(name)
+        assert set(cls.hparam_spec) == set(cls.defaults), name
+        cls.check_hparams(dict(cls.defaults))  # the defaults themselves are valid

@@ -1,4 +1,9 @@
-"""``queryshift`` command line: one sub-command per module in ``queryshift.commands``."""
+"""``queryshift`` command line: one sub-command per module in ``queryshift.commands``.
+
+An expected failure (bad input, a busy or unusable output directory, a full disk, a corrupt file) prints
+one line ``queryshift <command>: error: <cause>`` and exits 2; anything else prints one line that points to
+``--debug``, which shows the full traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,43 @@ from . import __version__
 # module names under queryshift.commands; each defines add_parser(subparsers) and main(args)
 COMMANDS = ("run", "bench", "corrupt", "train_source", "info", "serve")
 
+DEBUG_HELP = "show the full Python traceback of an error"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="queryshift",
         description="Online test-time adaptation of cross-modal retrieval models under query shift.")
     parser.add_argument("--version", action="version", version=f"queryshift {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f".commands.{name}", __package__).add_parser(sub)
+    for p in sub.choices.values():  # also accepted after the command; SUPPRESS keeps the top-level value
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def describe(err: BaseException) -> str:
+    """One line for an expected failure: the file and the cause."""
+    if isinstance(err, OSError) and err.strerror:
+        where = err.filename if err.filename is not None else ""
+        if err.filename2 is not None:
+            where = f"{where} -> {err.filename2}"
+        return f"{where}: {err.strerror}" if where else err.strerror
+    if isinstance(err, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({err}); re-save it as UTF-8"
+    text = str(err) or type(err).__name__
+    return " ".join(text.split()) if "\n" in text else text
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from .locks import LockedError
+
+    # ValueError covers DataError, ConfigError, RunDirError, bad settings and JSON/UTF-8 decoding;
+    # OSError covers missing files, permissions, a path under a file and a full disk;
+    # FloatingPointError covers non-finite losses (--on-nonfinite raise) and galleries
+    return (ValueError, OSError, ImportError, LockedError, FloatingPointError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print("interrupted: results written so far are kept; rerun with --resume to continue", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
-        print(f"queryshift {args.command}: error: {err}", file=sys.stderr)
+    except expected_errors() as err:
+        if args.debug:
+            raise
+        print(f"queryshift {args.command}: error: {describe(err)}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"queryshift {args.command}: internal error: {type(err).__name__}: {describe(err)} "
+              f"(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ def _read_yaml(path: str) -> dict:
             data = yaml.safe_load(f)
     except FileNotFoundError as err:
         raise ConfigError(f"config file not found: {path}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (offset {err.start}); re-save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if data is None:
@@ -92,8 +94,12 @@ def _coerce(key: str, value: Any, field: dataclasses.Field, where: str) -> Any:
     return value
 
 
-def validate_run(values: dict, where: str) -> dict:
-    """Reject unknown keys, coerce types and apply RunConfig's own checks; -> the cleaned mapping."""
+def validate_run(values: dict, where: str, partial: bool = False) -> dict:
+    """Reject unknown keys, coerce types and apply RunConfig's own checks; -> the cleaned mapping.
+
+    ``partial``: the settings shared by several runs (a suite's base), whose hyper-parameters are checked
+    in each run, against that run's method.
+    """
     fields = _run_fields()
     out = {}
     for key, value in values.items():
@@ -105,7 +111,7 @@ def validate_run(values: dict, where: str) -> dict:
     from .engine import RunConfig
 
     try:
-        RunConfig(**out)
+        RunConfig(**({k: v for k, v in out.items() if k != "hparams"} if partial and "method" not in out else out))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from err
     return out
@@ -147,7 +153,7 @@ def suite_runs(path: str) -> tuple[dict, list[tuple[dict[str, str], dict]], dict
     if not isinstance(base, dict):
         raise ConfigError(f"{path}: 'base' must be a mapping of run settings")
     base = _with_includes(base, path, (os.path.abspath(path),))
-    validate_run(base, f"{path} (base)")
+    validate_run(base, f"{path} (base)", partial=True)
     grid = suite.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: 'grid' must map each axis to a non-empty list")

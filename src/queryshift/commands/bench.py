@@ -19,11 +19,15 @@ import sys
 from typing import Any
 
 from ..engine import RESUME_FREE, RunConfig, run, write_json
+from ..locks import ExclusiveLock
 from ..runinfo import git_commit, versions
 from .run import add_run_options, config_from_args
 
-SUITE_DIR = os.path.join(os.getcwd(), "configs", "suites")
-_SLIM = ("r1", "r5", "r10", "r_mean", "map", "n_queries", "segments", "forgetting", "skipped_updates", "seconds")
+# the shipped suites live in the checkout's configs/suites; a configs/suites under the current directory wins
+PACKAGE_SUITES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "suites"))
+QUERY_MODALITY = {"i2t": "image", "t2i": "text"}
+_SLIM = ("r1", "r5", "r10", "r_mean", "map", "n_queries", "segments", "forgetting", "skipped_updates", "warnings",
+         "seconds")
 
 
 def add_parser(subparsers) -> None:
@@ -45,19 +49,28 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+def suite_dirs() -> list[str]:
+    dirs = [os.path.join(os.getcwd(), "configs", "suites"), PACKAGE_SUITES]
+    return [d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i]]
+
+
 def _suite_path(name: str) -> str:
-    if os.path.exists(name):
+    if os.path.isfile(name):
         return name
-    path = os.path.join(SUITE_DIR, f"{name}.yaml")
-    if not os.path.exists(path):
-        known = sorted(f[:-5] for f in os.listdir(SUITE_DIR)) if os.path.isdir(SUITE_DIR) else []
-        raise FileNotFoundError(f"no suite {name!r} ({path}); known: {', '.join(known) or 'none'}")
-    return path
+    for folder in suite_dirs():
+        path = os.path.join(folder, f"{name}.yaml")
+        if os.path.isfile(path):
+            return path
+    known = sorted({f[:-5] for d in suite_dirs() for f in os.listdir(d) if f.endswith(".yaml")})
+    where = " or ".join(suite_dirs()) or "configs/suites"
+    raise FileNotFoundError(f"no suite {name!r} (neither a file nor NAME.yaml in {where}); "
+                            f"known: {', '.join(known) or 'none'}")
 
 
 def _overrides(args) -> dict[str, Any]:
     """Run settings given on the command line, which override every suite run."""
-    cfg = config_from_args(argparse.Namespace(**{**vars(args), "config": None}))
+    # hparams are checked in each grid point against its own method, not against the default one here
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "config": None, "hparam": None}))
     given = {k for k, v in vars(args).items() if v is not None}
     values = {k: v for k, v in vars(cfg).items() if k in given and k not in ("out", "config")}
     if args.hparam:
@@ -95,14 +108,56 @@ def plan(args) -> list[dict[str, Any]]:
                                                 "shift": None if s == "clean" else s}, overrides)))
         tables.append({"name": "grid", "description": "", "runs": runs, "published": {},
                        "hints": {"rows": "method", "columns": ["direction", "shift"], "metric": "r1"}})
+    _check_shifts(tables)
     return tables
+
+
+def _check_shifts(tables) -> None:
+    """Every point's shift must exist for its queries: a typo in the 40th point fails before the first runs."""
+    from .. import shifts
+
+    checked = set()
+    for t in tables:
+        for labels, cfg in t["runs"]:
+            key = (cfg.shift, QUERY_MODALITY.get(cfg.direction))
+            if key[1] is None or key in checked:
+                continue
+            checked.add(key)
+            if _loads_models(cfg.shift):
+                continue  # a name the catalogue knows; its models load (or fail) when that point starts
+            try:
+                shifts.build(cfg.shift, key[1], cfg.seed)
+            except ValueError as err:
+                point = ", ".join(f"{k}={v}" for k, v in labels.items())
+                raise ValueError(f"{t['name']} ({point}): {err}") from None
+            except (ImportError, OSError):
+                pass  # a missing optional package or data file: reported by the point that needs it
+
+
+def _loads_models(spec: str | None) -> bool:
+    """Sentence-level text corruptions and the semantic filter load language models when built."""
+    from ..shifts.registry import ALIASES
+    from ..shifts.text import SENTENCE_CORRUPTIONS
+
+    if not spec:
+        return False
+    name = spec.partition(":")[0]
+    return spec.endswith("+filter") or ALIASES.get(name, name) in SENTENCE_CORRUPTIONS
 
 
 def _fits(shift: str, direction: str) -> bool:
     from .. import shifts
+    from ..shifts.registry import ALIASES, IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS
 
     spec = None if shift == "clean" else shift
     modality, other = ("image", "text") if direction == "i2t" else ("text", "image")
+    name = (spec or "").partition(":")[0]
+    name = ALIASES.get(name, name)
+    if name in IMAGE_CORRUPTIONS or name in TEXT_CORRUPTIONS:  # a corruption's own modality decides
+        own = "image" if name in IMAGE_CORRUPTIONS else "text"
+        if not _loads_models(spec):
+            shifts.build(spec, own)  # e.g. a severity out of range: that error, not a modality mismatch
+        return own == modality
     try:
         shifts.build(spec, modality)
         return True
@@ -141,8 +196,13 @@ def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any
     """One grid point: read a finished result back, resume an interrupted one, or run it."""
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
-        with open(result_path, encoding="utf-8") as f:
-            result = json.load(f)
+        try:
+            with open(result_path, encoding="utf-8") as f:
+                result = json.load(f)
+            result["config"].get  # noqa: B018 - a finished run's result holds its config
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{result_path}: not a readable result ({type(err).__name__}: {err}); remove that "
+                             f"run directory to recompute it") from None
         current = dataclasses.asdict(cfg)
         changed = [k for k in current if k not in RESUME_FREE and result["config"].get(k) != current[k]]
         if changed:  # a suite edited since: never report a stale run under the new settings
@@ -276,6 +336,14 @@ def plot_table(grid: dict, title: str, path: str) -> None:
     plt.close(fig)
 
 
+def read_notes(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8") from None
+
+
 def report(tables, records, out: str, title: str, command: str, report_path: str | None = None,
            notes: str | None = None) -> str:
     """Write the Markdown report (default OUT/results.md; PNGs beside it) and OUT/results.json."""
@@ -285,8 +353,7 @@ def report(tables, records, out: str, title: str, command: str, report_path: str
     prefix = "" if report_path.endswith("results.md") else os.path.splitext(os.path.basename(report_path))[0] + "-"
     parts = [f"# {title}", "", f"Generated by `{command}` at commit `{commit}`.", ""]
     if notes:
-        with open(notes, encoding="utf-8") as f:
-            parts += [f.read().strip(), ""]
+        parts += [read_notes(notes), ""]
     grids = {}
     for t in tables:
         parts += [f"## {t['name']}", ""] + ([t["description"], ""] if t["description"] else [])
@@ -310,12 +377,18 @@ def report(tables, records, out: str, title: str, command: str, report_path: str
 
 
 def main(args) -> int:
+    if args.notes:
+        read_notes(args.notes)  # a missing notes file fails now, not after the last run
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    tables = plan(args)  # the whole grid is checked before anything is written
     os.makedirs(args.out, exist_ok=True)
-    tables = plan(args)
-    records = execute(tables, args.out, progress=args.progress is not False, jobs=args.jobs)
     command = "queryshift " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
         "queryshift") else " ".join(shlex.quote(a) for a in sys.argv)
-    print(report(tables, records, args.out, args.title, command, args.report, args.notes))
+    with ExclusiveLock(args.out, what=f"bench output directory {args.out}"):  # one bench per --out
+        records = execute(tables, args.out, progress=args.progress is not False, jobs=args.jobs)
+        text = report(tables, records, args.out, args.title, command, args.report, args.notes)
+    print(text)
     print(f"wrote {args.report or os.path.join(args.out, 'results.md')}, {args.out}/results.json "
           f"and one PNG per table")
     return 0

@@ -47,6 +47,7 @@ def add_parser(subparsers) -> None:
                    help="redraw EDA/ip/style outputs until paraphrase-mpnet-base-v2 similarity >= 0.9")
     p.add_argument("--workers", type=int, default=1, help="processes for image corruptions (default 1)")
     p.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=main)
 
 
@@ -78,9 +79,22 @@ def default_prefix(data_path: str) -> str:
     return os.path.splitext(os.path.basename(data_path))[0]
 
 
+def check_prefix(prefix: str | None) -> None:
+    """The image folder is ``<out>/<prefix>_IP_<name>_<severity>``: the prefix must not leave ``--out``."""
+    if prefix is not None and (not prefix or "/" in prefix or "\\" in prefix):
+        raise ValueError(f"--prefix must be a plain folder-name prefix (no path separators), got {prefix!r}")
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path`` resolves (symlinks and '..' included) to somewhere under ``folder``."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def main(args) -> int:
     from ..shifts.registry import ALIASES, IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS, build_shift
 
+    check_prefix(args.prefix)
     specs = expand_shifts(args.shift)
     jobs = []  # build every shift first: a bad name or a missing model fails before anything is written
     for spec in specs:
@@ -116,8 +130,13 @@ def _corrupt_one(i: int) -> str | None:
     dataset, shift, folder = _WORK["dataset"], _WORK["shift"], _WORK["folder"]
     rel = dataset.images[i]
     target = os.path.join(folder, rel.lstrip("/\\") if not os.path.isabs(rel) else os.path.basename(rel))
+    if not inside(target, folder):  # e.g. ../../x/img.jpg: never write outside --out
+        return f"image {i} ({rel!r}): its output path leaves {folder}; refused"
     if os.path.exists(target) and not _WORK["overwrite"]:
         return None
+    source = dataset.image_path(i)
+    if os.path.exists(target) and os.path.exists(source) and os.path.samefile(target, source):
+        return f"image {i} ({rel!r}): its output would overwrite the input image {source}; refused"
     try:
         image = dataset.load_image(i)
     except DataError as err:
@@ -150,7 +169,7 @@ def write_images(args, shift) -> None:
     indices = _unique_images(dataset.images)
     init = (dataset, shift, args.seed, folder, args.overwrite)
     errors = []
-    with tqdm(total=len(indices), desc=shift.name, unit="img") as bar:
+    with tqdm(total=len(indices), desc=shift.name, unit="img", disable=not getattr(args, "progress", True)) as bar:
         if args.workers > 1:
             import multiprocessing as mp
 
@@ -167,7 +186,7 @@ def write_images(args, shift) -> None:
     for err in errors[:10]:
         print(f"skipped: {err}", file=sys.stderr)
     if errors:
-        print(f"{shift.name}: {len(errors)} image(s) could not be read and were skipped", file=sys.stderr)
+        print(f"{shift.name}: {len(errors)} image(s) were skipped (unreadable, or refused as above)", file=sys.stderr)
 
 
 def _unique_images(images: list[str]) -> list[int]:
@@ -193,10 +212,12 @@ def write_captions(args, shift) -> None:
     if os.path.exists(target) and not args.overwrite:
         print(f"{target} exists, kept (use --overwrite to rewrite)", file=sys.stderr)
         return
+    if os.path.exists(target) and os.path.samefile(target, args.data):
+        raise ValueError(f"{target} is the input annotation file itself; choose another --out")
     # the loader's numbering of texts (COCO keeps 5 per image), so rng(index) matches the online engine
     keep = 5 if "coco" in os.path.basename(args.data).lower() else None
     index = 0
-    for entry in tqdm(entries, desc=shift.name, unit="img"):
+    for entry in tqdm(entries, desc=shift.name, unit="img", disable=not getattr(args, "progress", True)):
         single = isinstance(entry["caption"], str)
         captions = [entry["caption"]] if single else list(entry["caption"])
         for k in range(len(captions) if keep is None else min(keep, len(captions))):
@@ -205,5 +226,5 @@ def write_captions(args, shift) -> None:
         entry["caption"] = captions[0] if single else captions
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with open(target + ".part", "w", encoding="utf-8") as f:
-        json.dump(entries, f)
+        json.dump(entries, f, allow_nan=False)
     os.replace(target + ".part", target)

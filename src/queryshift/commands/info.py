@@ -1,4 +1,4 @@
-"""``queryshift methods``-style listing: what methods, shifts, datasets and backends are available."""
+"""``queryshift list``: what methods, shifts, datasets and backends are available."""
 
 from __future__ import annotations
 

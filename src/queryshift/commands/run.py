@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import yaml
-
 from ..engine import RunConfig, format_table, run
+from ..methods.hparams import RawText
 
 
 def _hparam(text: str):
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)  # numbers, booleans and lists parse as YAML scalars
+    return key, RawText(value)  # typed by the method's hparam_spec (a string hparam keeps "off" as text)
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -78,7 +77,7 @@ def add_parser(subparsers) -> None:
                     "OUT/table.md, and a checkpoint that --resume continues from.")
     p.add_argument("--config", help="YAML file of run settings; command-line options override it")
     p.add_argument("--direction", choices=["i2t", "t2i"], help="i2t: image queries; t2i: text queries (default i2t)")
-    p.add_argument("--method", help="adaptation method, see 'queryshift methods' (default source)")
+    p.add_argument("--method", help="adaptation method, see 'queryshift list' (default source)")
     p.add_argument("--shift", help="query shift NAME:SEVERITY, a domain style or a stream (default: clean)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--resume", action="store_const", const=True, help="continue the interrupted run in --out")

@@ -9,7 +9,6 @@ Everything (model init, batch order, caption choice) follows from ``--seed``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -228,8 +227,9 @@ def main(args) -> int:
         "train_minutes": round(minutes, 1), "torch": torch.__version__, "open_clip": open_clip.__version__,
         "checkpoint_bytes": os.path.getsize(args.out), "clean_test": result,
     }
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(info, f, indent=2)
+    from ..engine import write_json
+
+    write_json(os.path.splitext(args.out)[0] + ".json", info)  # strict JSON: a NaN metric becomes null
     print(f"wrote {args.out} ({info['checkpoint_bytes'] / 1e6:.1f} MB) after {minutes:.1f} min")
     for direction in ("i2t", "t2i"):
         m = result[direction]

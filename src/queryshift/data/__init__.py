@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from .loaders import load_dataset, load_karpathy, load_pairs
-from .retrieval import DataError, RetrievalDataset, from_groups, pre_caption
+from .retrieval import DataError, RetrievalDataset, duplicate_entries, from_groups, pre_caption
 
 
 def _lazy(module: str, func: str):
@@ -29,5 +29,5 @@ DATASETS = {
     "icfg_pedes": _lazy(".qgs", "load_icfg_pedes"),
 }
 
-__all__ = ["DataError", "RetrievalDataset", "from_groups", "pre_caption", "load_dataset", "load_karpathy",
-           "load_pairs", "DATASETS"]
+__all__ = ["DataError", "RetrievalDataset", "duplicate_entries", "from_groups", "pre_caption", "load_dataset",
+           "load_karpathy", "load_pairs", "DATASETS"]

@@ -112,6 +112,34 @@ class RetrievalDataset:
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
 
 
+def duplicate_entries(dataset: RetrievalDataset) -> str | None:
+    """A message naming duplicated images and duplicated captions of one image, or None.
+
+    Each copy is its own gallery item and query, so a duplicated image or caption changes the metrics
+    (e.g. a text query's copy of its image counts as a wrong answer ranked above or below the right one).
+    """
+    seen: dict[str, int] = {}
+    for path in dataset.images:
+        seen[path] = seen.get(path, 0) + 1
+    images = {p: n for p, n in seen.items() if n > 1}
+    pairs: dict[tuple, int] = {}
+    for t, text in enumerate(dataset.texts):
+        key = (text, tuple(sorted(dataset.txt2img[t])))
+        pairs[key] = pairs.get(key, 0) + 1
+    captions = {k: n for k, n in pairs.items() if n > 1}
+    if not images and not captions:
+        return None
+    parts = []
+    if images:
+        parts.append(f"{len(images)} image(s) listed more than once (e.g. "
+                     + ", ".join(f"{p} x{n}" for p, n in list(images.items())[:3]) + ")")
+    if captions:
+        parts.append(f"{len(captions)} caption(s) repeated for the same image (e.g. "
+                     + ", ".join(f"{k[0]!r} x{n}" for k, n in list(captions.items())[:2]) + ")")
+    return (f"{dataset.source or dataset.name}: duplicate entries: " + "; ".join(parts)
+            + "; each copy is a separate gallery item and query, which changes the metrics")
+
+
 def from_groups(
     images: list[str], captions_per_image: list[list[str]], max_words: int = 30, **kw
 ) -> RetrievalDataset:

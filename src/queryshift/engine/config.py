@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +52,33 @@ class RunConfig:
     def __post_init__(self):
         if self.direction not in ("i2t", "t2i"):
             raise ValueError(f"direction must be 'i2t' or 't2i', got {self.direction!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self._check_ranges()
+        # the method's own hyper-parameters, typed and range-checked (an unknown method fails here too)
+        self.hparams = methods.get(self.method).check_hparams(self.hparams)
+
+    def _check_ranges(self) -> None:
+        """Out-of-range values would give wrong answers with exit 0 (e.g. max_queries -3 scores 5 of 8)."""
+        def need(ok: bool, name: str, what: str, value) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+
+        for name in ("batch_size", "steps", "max_words", "gallery_batch_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
+        need(self.max_queries is None or (isinstance(self.max_queries, int) and self.max_queries >= 1),
+             "max_queries", "an integer >= 1 (leave it unset for every query)", self.max_queries)
+        need(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an integer >= 0",
+             self.num_workers)
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
+        need(self.lr is None or _finite(self.lr) and self.lr > 0, "lr", "a finite number > 0", self.lr)
+        need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0",
+             self.weight_decay)
+        need(self.record in ("first", "last"), "record", "'first' or 'last'", self.record)
+        need(self.optimizer in ("adamw", "adam", "sgd"), "optimizer", "'adamw', 'adam' or 'sgd'", self.optimizer)
+        need(self.on_nonfinite in ("skip", "raise"), "on_nonfinite", "'skip' or 'raise'", self.on_nonfinite)
+        if (self.resume or self.overwrite) and not self.out:
+            raise ValueError(f"--{'resume' if self.resume else 'overwrite'} applies to an output directory: "
+                             f"give --out")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
@@ -73,6 +99,10 @@ class RunConfig:
             weight_decay=self.weight_decay, include_final_ln=self.include_final_ln,
             on_nonfinite=self.on_nonfinite, hparams=dict(self.hparams),
         )
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def settings_changed(saved: dict[str, Any], cfg: RunConfig) -> list[str]:

@@ -10,7 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import shifts
+from ..atomic import save_torch
 from ..data import RetrievalDataset
+from ..locks import cache_write_lock
 from ..models import DualEncoder, load_model
 from .config import RunConfig
 from .stream import QueryItems, loader, stream_batches, to_model_input
@@ -70,12 +72,13 @@ def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str,
             return torch.load(path, map_location=cfg.device)
         except Exception:  # a truncated cache file is rebuilt rather than trusted
             os.remove(path)
-    gallery = encode_all(model, dataset, modality, cfg.gallery_batch_size, cfg.max_words, cfg.num_workers,
-                         cfg.device, cfg.progress)
-    if not torch.isfinite(gallery).all() or (gallery.norm(dim=1) == 0).any():
-        raise FloatingPointError("gallery embeddings contain NaN/inf or all-zero rows")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(gallery.cpu(), tmp)
-    os.replace(tmp, path)
+    with cache_write_lock(path):  # one writer per entry: parallel runs of one gallery encode it once
+        if os.path.exists(path):  # written by the process this one waited for
+            return torch.load(path, map_location=cfg.device)
+        gallery = encode_all(model, dataset, modality, cfg.gallery_batch_size, cfg.max_words, cfg.num_workers,
+                             cfg.device, cfg.progress)
+        if not torch.isfinite(gallery).all() or (gallery.norm(dim=1) == 0).any():
+            raise FloatingPointError("gallery embeddings contain NaN/inf or all-zero rows")
+        save_torch(gallery.cpu(), path)
     return gallery

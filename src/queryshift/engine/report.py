@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import shifts
+from ..atomic import write_text
 from ..metrics import batch_ranks, retrieval_metrics
 from ..runinfo import git_commit, versions
 from .config import RESULT_KEYS, RunConfig
@@ -19,11 +19,27 @@ from .stream import QueryItems, loader, query_order, stream_batches
 
 
 def json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+    """A log or result value as strict JSON: tensors become numbers or lists, NaN/inf become null.
+
+    Python's json writes NaN/Infinity as bare words that no other JSON parser accepts; a non-finite loss is
+    recorded as null, next to the ``skipped`` reason the method logs for it.
+    """
     if isinstance(value, torch.Tensor):
-        return json_safe(value.item()) if value.numel() == 1 else value.tolist()
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalars
+        return json_safe(value.item())
     return value
+
+
+def json_line(obj) -> str:
+    """One strict-JSON line (log.jsonl)."""
+    return json.dumps(json_safe(obj), allow_nan=False, default=str)
 
 
 def summarise(cfg: RunConfig, rows: list[dict], dataset, shift, bad_items: list[str]) -> dict[str, Any]:
@@ -70,10 +86,9 @@ def clean_forgetting(retriever, dataset, relevance, cfg: RunConfig) -> dict[str,
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """Write strict JSON atomically (a kill leaves the old file or the new one, never half of one)."""
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str)
+    write_text(path, text)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

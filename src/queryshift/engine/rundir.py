@@ -1,23 +1,38 @@
 """An output directory of one run: ``log.jsonl`` (a line per batch), the checkpoint ``state.pt`` and the
 results. Every batch is logged and checkpointed, so a killed run keeps its results and a resumed run
-continues to the same final metrics as an uninterrupted one."""
+continues to the same final metrics as an uninterrupted one.
+
+A directory has one writer at a time (an exclusive lock, see :mod:`queryshift.locks`), and what it holds is
+never lost by accident: a finished or started run is only replaced with ``--overwrite``, ``--resume``
+continues only a run of the same settings, and the old files are removed only once the new run has been
+checked and is about to write its first batch.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import torch
 
+from ..atomic import save_torch, write_text
+from ..locks import ExclusiveLock
 from .config import RunConfig, settings_changed
-from .report import write_json
+from .report import json_line, write_json
+
+
+class RunDirError(ValueError):
+    """An output directory that cannot be used as asked; the message says why and what to do."""
 
 
 def atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_torch(obj, path)
+
+
+def notice(message: str) -> None:
+    print(f"queryshift: {message}", file=sys.stderr)
 
 
 def read_log(path: str, upto_batch: int) -> list[dict]:
@@ -30,70 +45,143 @@ def read_log(path: str, upto_batch: int) -> list[dict]:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a kill mid-write
                     break
+                if not isinstance(row, dict) or not isinstance(row.get("batch"), int):
+                    break
                 if row["batch"] < upto_batch:
                     rows.append(row)
     return rows
 
 
-def check_resumable(saved: dict, cfg: RunConfig) -> None:
+def check_resumable(saved: dict, cfg: RunConfig, out: str = "") -> None:
     diff = settings_changed(saved, cfg)
     if diff:
-        raise ValueError("cannot resume: the run's settings changed: " + ", ".join(diff))
+        where = f" {out}" if out else ""
+        raise RunDirError(f"cannot resume{where}: the run's settings changed: " + ", ".join(diff)
+                          + "; choose another --out, or --overwrite to replace that run")
 
 
 class RunDir:
-    """Prepares ``out`` for a new, resumed or overwritten run and writes into it."""
+    """Prepares ``out`` for a new, resumed or overwritten run and writes into it.
 
-    def __init__(self, out: str, resume: bool = False, overwrite: bool = False):
-        self.out, self.resume = out, resume
+    Construction locks the directory and refuses, before any model is loaded, what would lose or mix runs;
+    :meth:`restore` (once the run is ready to stream) removes what ``--overwrite`` replaces; :meth:`close`
+    releases the lock.
+    """
+
+    def __init__(self, out: str, resume: bool = False, overwrite: bool = False, cfg: RunConfig | None = None):
+        if resume and overwrite:
+            raise RunDirError("--resume continues the run in --out and --overwrite discards it: pass only one")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise RunDirError(f"--out {out} is a file, not a directory")
+        self.out, self.resume, self.overwrite = out, resume, overwrite
         os.makedirs(out, exist_ok=True)
+        self._lock = ExclusiveLock(out, what=f"output directory {out}").acquire()
+        self._log = None
+        self._state: dict[str, Any] | None = None
+        self._start_over = overwrite
         self.log_path = os.path.join(out, "log.jsonl")
         self.state_path = os.path.join(out, "state.pt")
         self.result_path = os.path.join(out, "result.json")
-        if os.path.exists(self.log_path) and not (resume or overwrite):
-            raise FileExistsError(f"{out} already holds a run (log.jsonl); pass --resume to continue it or "
-                                  f"--overwrite to start again")
-        if overwrite and not resume:
-            for p in (self.log_path, self.state_path, self.result_path):
-                if os.path.exists(p):
-                    os.remove(p)
-        self._log = None
+        try:
+            self._check(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, cfg: RunConfig | None) -> None:
+        has_log, has_state, has_result = (os.path.exists(p) for p in (self.log_path, self.state_path,
+                                                                       self.result_path))
+        if not (self.resume or self.overwrite):
+            if has_log or has_result or has_state:
+                held = "log.jsonl" if has_log else "result.json" if has_result else "state.pt"
+                raise RunDirError(f"{self.out} already holds a run ({held}); pass --resume to continue it or "
+                                  f"--overwrite to replace it")
+            return
+        if not self.resume:
+            return
+        if has_state:
+            self._state = self._load_state(cfg.device if cfg else "cpu")
+            if cfg is not None:
+                check_resumable(self._state["config"], cfg, self.out)
+        elif has_result:
+            saved = self._load_result()
+            diff = settings_changed(saved.get("config", {}), cfg) if cfg is not None else []
+            if diff:
+                raise RunDirError(f"cannot resume {self.out}: it holds a finished run with other settings ("
+                                  + ", ".join(diff) + "); its results are kept: choose another --out, or "
+                                  "--overwrite to replace it")
+            raise RunDirError(f"{self.out} holds a finished run (result.json) but no checkpoint to continue "
+                              f"from: nothing to resume, its results are kept; pass --overwrite to run it again")
+        elif has_log:
+            notice(f"note: {self.out} has no checkpoint (state.pt) to resume from: starting over; its "
+                   f"log.jsonl is replaced")
+            self._start_over = True
+
+    def _load_state(self, device: str) -> dict[str, Any]:
+        try:
+            state = torch.load(self.state_path, map_location=device, weights_only=False)
+        except Exception as err:  # truncated, not a checkpoint, or written by an incompatible version
+            raise RunDirError(f"{self.state_path}: corrupt or unreadable checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); pass --overwrite to start "
+                              f"the run again") from err
+        if not isinstance(state, dict) or not {"config", "method", "batches_done"} <= set(state):
+            raise RunDirError(f"{self.state_path}: not a queryshift checkpoint; pass --overwrite to start again")
+        return state
+
+    def _load_result(self) -> dict[str, Any]:
+        try:
+            with open(self.result_path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (ValueError, OSError) as err:
+            raise RunDirError(f"{self.result_path}: unreadable ({err}); move it away or pass --overwrite") from err
+        if not isinstance(saved, dict):
+            raise RunDirError(f"{self.result_path}: not a queryshift result; move it away or pass --overwrite")
+        return saved
 
     def restore(self, cfg: RunConfig, weights: str) -> tuple[dict[str, Any] | None, list[dict]]:
-        """With --resume and a checkpoint: (method state, logged rows so far); otherwise (None, [])."""
-        if self.resume and os.path.exists(self.state_path):
-            state = torch.load(self.state_path, map_location=cfg.device, weights_only=False)
-            check_resumable(state["config"], cfg)
+        """With --resume and a checkpoint: (method state, logged rows so far); otherwise (None, []) after
+        removing what --overwrite (or a --resume without checkpoint) replaces."""
+        if self.resume and self._state is None and os.path.exists(self.state_path):
+            self._state = self._load_state(cfg.device)  # a RunDir made without cfg
+        if self._state is not None:
+            state = self._state
+            check_resumable(state["config"], cfg, self.out)
             if state.get("model_weights", weights) != weights:
-                raise ValueError(f"cannot resume {self.out}: the weights of {cfg.model} changed since the run "
-                                 f"started")
+                raise RunDirError(f"cannot resume {self.out}: the weights of {cfg.model} changed since the run "
+                                  f"started")
             done = state["batches_done"]
             rows = read_log(self.log_path, done)
             if len(rows) != done:
-                raise RuntimeError(f"{self.log_path} holds {len(rows)} complete batches but the checkpoint "
-                                   f"says {done}")
-            with open(self.log_path, "w", encoding="utf-8") as f:  # drop lines written after the checkpoint
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+                raise RunDirError(f"{self.log_path} holds {len(rows)} complete batches but the checkpoint "
+                                  f"says {done}; pass --overwrite to start the run again")
+            write_text(self.log_path, "".join(json_line(r) + "\n" for r in rows))  # drop lines past it
             return state["method"], rows
-        if os.path.exists(self.log_path):
-            os.remove(self.log_path)  # --resume without a checkpoint: nothing to continue from, start clean
+        if self._start_over:
+            for name in ("log.jsonl", "state.pt", "result.json", "table.md"):
+                path = os.path.join(self.out, name)
+                if os.path.exists(path):
+                    os.remove(path)
         return None, []
 
     def append(self, row: dict[str, Any], checkpoint: dict[str, Any]) -> None:
         """Log one batch durably, then checkpoint the state after it."""
         if self._log is None:
             self._log = open(self.log_path, "a", encoding="utf-8")
-        self._log.write(json.dumps(row) + "\n")
+        self._log.write(json_line(row) + "\n")
         self._log.flush()
         os.fsync(self._log.fileno())
         atomic_save(checkpoint, self.state_path)
 
-    def close(self) -> None:
+    def close_log(self) -> None:
         if self._log is not None:
             self._log.close()
             self._log = None
 
+    def close(self) -> None:
+        """Close the log and release the directory."""
+        self.close_log()
+        self._lock.release()
+
     def write_result(self, result: dict[str, Any], table: str) -> None:
         write_json(self.result_path, result)
-        with open(os.path.join(self.out, "table.md"), "w", encoding="utf-8") as f:
-            f.write(table + "\n")
+        write_text(os.path.join(self.out, "table.md"), table + "\n")

@@ -68,10 +68,10 @@ def query_order(n: int, seed: int, shuffle: bool = True, max_queries: int | None
     return order[:max_queries] if max_queries else order
 
 
-def skip_bad_images(dataset: RetrievalDataset) -> tuple[RetrievalDataset, list[str]]:
+def skip_bad_images(dataset: RetrievalDataset, progress: bool = True) -> tuple[RetrievalDataset, list[str]]:
     """The dataset without its unreadable images, and one message per dropped image."""
     good, bad = [], []
-    for i in tqdm(range(len(dataset.images)), desc="checking images", leave=False):
+    for i in tqdm(range(len(dataset.images)), desc="checking images", leave=False, disable=not progress):
         try:
             dataset.load_image(i)
             good.append(i)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..models.base import DualEncoder
+from .hparams import HP, validate_hparams
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,6 +51,8 @@ class Method:
     name: ClassVar[str] = "base"
     #: method hyper-parameters and their defaults; ``AdaptConfig.hparams`` may override known keys only
     defaults: ClassVar[dict[str, Any]] = {}
+    #: type and range of each hyper-parameter (``hparams.HP``), checked before a run writes anything
+    hparam_spec: ClassVar[dict[str, HP]] = {}
     #: False for methods that never update parameters (source, training-free variants)
     adapts: ClassVar[bool] = True
     #: attributes saved in checkpoints and restored by reset() (besides parameters and optimizer)
@@ -60,13 +63,7 @@ class Method:
         self.gallery = gallery
         self.modality = modality
         self.config = config or AdaptConfig()
-        unknown = set(self.config.hparams) - set(self.defaults)
-        if unknown:
-            raise ValueError(
-                f"unknown hyper-parameter(s) {sorted(unknown)} for method {self.name!r}; "
-                f"known: {sorted(self.defaults)}"
-            )
-        self.hp = {**copy.deepcopy(self.defaults), **self.config.hparams}
+        self.hp = {**copy.deepcopy(self.defaults), **self.check_hparams(self.config.hparams)}
         self.steps = self.config.steps if self.adapts else 1
         self.generator = torch.Generator().manual_seed(0)
         self.batch_index = 0
@@ -76,6 +73,11 @@ class Method:
         self.optimizer = self.build_optimizer() if self.params else None
         self.init_state()
         self._snapshot = self._capture()
+
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """``hparams`` converted to the declared types; ValueError for unknown keys or values out of range."""
+        return validate_hparams(cls, hparams)
 
     # -- hooks for subclasses --------------------------------------------------------------------
 

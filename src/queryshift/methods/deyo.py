@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 
 def patch_shuffle(images: torch.Tensor, grid: int = 4, generator: torch.Generator | None = None):
@@ -60,6 +61,10 @@ def deyo_weight(ent: torch.Tensor, thr: float, plpd: torch.Tensor) -> torch.Tens
 class DeYO(Method):
     name = "deyo"
     defaults = {"tau": 0.01, "deyo_margin": 0.5, "margin_e0": 0.4, "patch_len": 4, "plpd_threshold": None}
+    # deyo_margin: the strict filter keeps int(deyo_margin * B) - 1 queries, so 2 are needed for one
+    hparam_spec = {"tau": HP(float, gt=0), "deyo_margin": HP(float, ge=0, le=1, min_selected=2),
+                   "margin_e0": HP(float, ge=0, le=1), "patch_len": HP(int, ge=1),
+                   "plpd_threshold": HP(float, none=True)}
 
     def _logits(self, query_batch):
         return C.gallery_logits(self.encode(query_batch), self.gallery, self.hp["tau"])

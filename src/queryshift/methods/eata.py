@@ -29,11 +29,14 @@ import torch.nn.functional as F
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 
 class EATA(Method):
     name = "eata"
     defaults = {"tau": 0.01, "e_margin": 0.4, "e_offset": 0.4, "d_margin": 0.05, "momentum": 0.9}
+    hparam_spec = {"tau": HP(float, gt=0), "e_margin": HP(float, ge=0, le=1, min_selected=1), "e_offset": HP(float),
+                   "d_margin": HP(float, gt=0), "momentum": HP(float, ge=0, le=1)}
     state_attrs = ("mean_probs",)
 
     def init_state(self):

@@ -20,6 +20,7 @@ import torch
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 
 def read_loss(logits: torch.Tensor, gamma: float = math.exp(-1), w_bal: float = 1.0):
@@ -34,6 +35,7 @@ def read_loss(logits: torch.Tensor, gamma: float = math.exp(-1), w_bal: float = 
 class READ(Method):
     name = "read"
     defaults = {"tau": 0.01, "gamma": math.exp(-1), "w_bal": 1.0}
+    hparam_spec = {"tau": HP(float, gt=0), "gamma": HP(float, gt=0), "w_bal": HP(float)}
 
     def forward_and_adapt(self, query_batch, step):
         logits = C.gallery_logits(self.encode(query_batch), self.gallery, self.hp["tau"])

@@ -73,6 +73,7 @@ import torch
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 KNOWN_CHOICES = {
     "decouple": ("tensor", "global", "off"), "decouple_after": ("gradient", "optimizer"),
@@ -92,6 +93,20 @@ class REST(Method):
         # the REST design space (issue 11): knowledge objective, combination rule, consistency term
         "know": "kl", "n_anchors": 16, "anchor_loss": "consistency",
         "margin_deg": 90.0, "keep": 0.0, "con": "queue", "subspace_energy": 0.9, "subspace_rank": 4,
+    }
+    hparam_spec = {
+        "tau": HP(float, gt=0), "refine": HP(bool), "topk": HP(int, ge=1),
+        "queue_size": HP(int, ge=1), "queue_frac": HP(float, ge=0, le=1, min_selected=1),
+        "queue_batches": HP(int, ge=0),
+        "t": HP(float, gt=0), "rem_eps": HP(float, ge=0),
+        "w_ent": HP(float, ge=0), "w_uni": HP(float, ge=0), "w_gap": HP(float, ge=0), "w_con": HP(float, ge=0),
+        "decouple": HP(str, choices=KNOWN_CHOICES["decouple"]), "lambda_k": HP(float, ge=0), "log_angle": HP(bool),
+        "decouple_after": HP(str, choices=KNOWN_CHOICES["decouple_after"]),
+        "know": HP(str, choices=KNOWN_CHOICES["know"]), "n_anchors": HP(int, ge=1),
+        "anchor_loss": HP(str, choices=KNOWN_CHOICES["anchor_loss"]),
+        "margin_deg": HP(float, ge=90, le=180), "keep": HP(float, ge=0, le=1),
+        "con": HP(str, choices=KNOWN_CHOICES["con"]),
+        "subspace_energy": HP(float, gt=0, le=1), "subspace_rank": HP(int, ge=1),
     }
     state_attrs = ("queue", "anchors", "subspace")
 

@@ -32,6 +32,7 @@ import torch
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 _BASE = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -39,6 +40,8 @@ _BASE = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.opti
 class SAR(Method):
     name = "sar"
     defaults = {"tau": 0.01, "margin_e0": 0.4, "rho": 0.05, "reset_constant": 0.2, "ema_momentum": 0.9}
+    hparam_spec = {"tau": HP(float, gt=0), "margin_e0": HP(float, ge=0, le=1, min_selected=1), "rho": HP(float, ge=0),
+                   "reset_constant": HP(float), "ema_momentum": HP(float, ge=0, le=1)}
     state_attrs = ("ema",)
 
     def build_optimizer(self):

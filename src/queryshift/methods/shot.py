@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 
 def shot_loss(logits: torch.Tensor, threshold: float = 0.9, clf_coeff: float = 0.1):
@@ -48,6 +49,7 @@ def shot_loss(logits: torch.Tensor, threshold: float = 0.9, clf_coeff: float = 0
 class SHOT(Method):
     name = "shot"
     defaults = {"tau": 0.01, "threshold": 0.9, "clf_coeff": 0.1}
+    hparam_spec = {"tau": HP(float, gt=0), "threshold": HP(float, ge=0), "clf_coeff": HP(float, ge=0)}
 
     def forward_and_adapt(self, query_batch, step):
         logits = C.gallery_logits(self.encode(query_batch), self.gallery, self.hp["tau"])

@@ -30,12 +30,17 @@ from __future__ import annotations
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 
 class TCR(Method):
     name = "tcr"
     defaults = {
         "tau": 0.02, "con_ratio": 0.3, "queue_size": 64, "queue_batches": 10, "t": 0.1, "rem_eps": 1e-3,
+    }
+    hparam_spec = {
+        "tau": HP(float, gt=0), "con_ratio": HP(float, ge=0, le=1, min_selected=1), "queue_size": HP(int, ge=1),
+        "queue_batches": HP(int, ge=0), "t": HP(float, gt=0), "rem_eps": HP(float, ge=0),
     }
     state_attrs = ("queue",)
 

@@ -23,12 +23,15 @@ import torch.nn.functional as F
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 
 class TCRFree(Method):
     name = "tcr-free"
     adapts = False
     defaults = {"tau": 0.01, "scale": 2.0, "con_ratio": 0.3, "queue_size": 64, "queue_batches": 10}
+    hparam_spec = {"tau": HP(float, gt=0), "scale": HP(float, gt=0), "con_ratio": HP(float, ge=0, le=1, min_selected=1),
+                   "queue_size": HP(int, ge=1), "queue_batches": HP(int, ge=0)}
     state_attrs = ("queue",)
 
     def init_state(self):

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from . import components as C
 from .base import Method
+from .hparams import HP
 
 
 class Tent(Method):
     name = "tent"
     defaults = {"tau": 0.01}
+    hparam_spec = {"tau": HP(float, gt=0)}
 
     def forward_and_adapt(self, query_batch, step):
         logits = C.gallery_logits(self.encode(query_batch), self.gallery, self.hp["tau"])
