@@ -9,7 +9,7 @@ import sys
 from . import __version__
 
 # module names under queryshift.commands; each defines add_parser(subparsers) and main(args)
-COMMANDS = ("run", "bench", "corrupt", "train_source", "info")
+COMMANDS = ("run", "bench", "corrupt", "train_source", "train_combiner", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,8 @@ from ..runinfo import git_commit, versions
 from .run import add_run_options, config_from_args
 
 SUITE_DIR = os.path.join(os.getcwd(), "configs", "suites")
-_SLIM = ("r1", "r5", "r10", "r_mean", "map", "n_queries", "segments", "forgetting", "skipped_updates", "seconds")
+_SLIM = ("r1", "r5", "r10", "r_mean", "map", "r50", "rsubset1", "rsubset2", "rsubset3", "n_queries",
+          "segments", "forgetting", "skipped_updates", "seconds")
 
 
 def add_parser(subparsers) -> None:
@@ -102,6 +103,11 @@ def _fits(shift: str, direction: str) -> bool:
     from .. import shifts
 
     spec = None if shift == "clean" else shift
+    if direction == "c2i":  # composed queries take image, text and combined shifts alike
+        from ..engine.composed import build_composed_shift
+
+        build_composed_shift(spec)
+        return True
     modality, other = ("image", "text") if direction == "i2t" else ("text", "image")
     try:
         shifts.build(spec, modality)

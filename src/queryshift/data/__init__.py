@@ -21,6 +21,8 @@ DATASETS = {
     "shapes": _lazy(".shapes", "load_shapes"),
     # composed image retrieval (--direction c2i): the synthetic world, CIRR and FashionIQ
     "shapes-cir": _lazy(".shapes_cir", "load_shapes_cir"),
+    "cirr": _lazy(".cirr", "load_cirr"),  # ARG = <root>[:train|:val]
+    "fashioniq": _lazy(".fashioniq", "load_fashioniq"),  # ARG = <root>:<dress|shirt|toptee>[:split]
     # query-gallery shift (spec §4.3): ARG = annotation file or dataset root
     "nocaps_in": _lazy(".qgs", "load_nocaps_in"),
     "nocaps_near": _lazy(".qgs", "load_nocaps_near"),

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import shifts
 from ..data import load_dataset
-from ..metrics import batch_ranks
+from ..models.composed import compose
+from .composed import build_query_shift, rank_queries
 from .config import RunConfig
 from .gallery import encode_gallery, load_source, weights_digest
 from .report import clean_forgetting, format_table, json_safe, summarise
@@ -37,12 +37,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         dataset, bad_items = skip_bad_images(dataset)
     model = load_source(cfg.model, cfg.seed, cfg.device)
     weights = weights_digest(model)  # before any adaptation: which source weights this run started from
+    if cfg.direction == "c2i":  # the composed query encoder: the model's own composer, --composer or sum
+        model = compose(model, cfg.composer).to(cfg.device)
     modality, n_queries, relevance = dataset.query_items(cfg.direction)
     gallery_modality = "text" if modality == "image" else "image"
     gallery = encode_gallery(model, dataset, gallery_modality, cfg, weights).to(cfg.device)
 
     retriever = Retriever(model, gallery, modality, cfg.method, cfg.adapt_config(), cfg.device)
-    shift = shifts.build(cfg.shift, modality, cfg.seed)
+    shift = build_query_shift(cfg.shift, modality, cfg.seed)
     order = query_order(n_queries, cfg.seed, cfg.shuffle, cfg.max_queries)
     batches = stream_batches(len(order), cfg.batch_size)
 
@@ -60,10 +62,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         for b, (positions, indices, batch) in enumerate(loader(items, batches[done:], cfg.num_workers), start=done):
             t0 = time.time()
             scores, info = retriever.adapt(retriever.model_input(batch))
-            ranks, aps = batch_ranks(scores, [relevance[i] for i in indices])
+            ranks, aps, extra = rank_queries(scores, indices, dataset, relevance, cfg.direction)
             row = {"batch": b, "n": len(indices), "seconds": round(time.time() - t0, 4),
                    **{k: json_safe(v) for k, v in info.items()},
-                   "queries": indices, "ranks": ranks, "aps": aps,
+                   "queries": indices, "ranks": ranks, "aps": aps, **extra,
                    "segments": [shift.segment(p, len(order)) for p in positions]}
             rows.append(row)
             if rundir:
