@@ -16,6 +16,7 @@ from queryshift.data import DataError, load_dataset
 from queryshift.engine import RunConfig, run, weights_digest
 from queryshift.engine.composed import ComposedShift, build_composed_shift
 from queryshift.engine.stream import QueryItems, collate, to_model_input
+from queryshift.methods.components import index_batch
 from queryshift.models import load_model
 from queryshift.models.composed import (
     SHIPPED_COMBINERS,
@@ -201,3 +202,19 @@ def test_rendered_reference_is_preprocessed_like_a_gallery_image(tiny):
     assert torch.equal(image, tiny.preprocess(data.load_image(data.references[1])))
     assert text == data.texts[1]
     assert isinstance(data.load_reference(1), Image.Image) and np.asarray(data.load_reference(1)).shape == (64, 64, 3)
+
+
+def test_hf_clip_composed_queries_flatten_their_token_dicts(tmp_path):
+    pytest.importorskip("transformers")
+    from .test_hf_backbones import save_tiny_clip
+
+    spec = f"hf-clip:{save_tiny_clip(str(tmp_path / 'clip'))}"
+    model = compose(load_model(spec))
+    data = load_dataset("shapes-cir:test:6")
+    batch = _batch(model, data, n=6)
+    assert {"image", "text.input_ids", "text.attention_mask"} <= set(batch)
+    half = index_batch(batch, torch.arange(6) < 3)  # the methods' row selection
+    assert torch.allclose(model.encode("composed", half), model.encode("composed", batch)[:3], atol=1e-5)
+    result = run(RunConfig(model=spec, data="shapes-cir:test:6", direction="c2i", method="tcr", batch_size=3,
+                           cache_dir=str(tmp_path / "cache"), progress=False))
+    assert result["n_queries"] == 6

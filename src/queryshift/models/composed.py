@@ -182,11 +182,12 @@ def build_composer(spec: str, base: DualEncoder) -> nn.Module:
     return combiner
 
 
-@torch.no_grad()
 def _embed_dim(base: DualEncoder) -> int | None:
+    """The joint embedding width: open_clip's ``visual.output_dim`` or transformers' ``projection_dim``."""
     model = getattr(base, "model", None)
-    visual = getattr(model, "visual", None)
-    dim = getattr(visual, "output_dim", None)
+    dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    if dim is None:
+        dim = getattr(getattr(model, "config", None), "projection_dim", None)
     return int(dim) if dim is not None else None
 
 
