@@ -3,9 +3,11 @@
 This is how the shipped ``shapes-cir`` combiner was made (``--model shapes-clip --data shapes-cir:train``, the
 defaults): the backbone stays frozen, so its embeddings of every gallery image and modification text are
 computed once (and cached on disk by model weights and data), and training only touches the small combiner.
-The loss is a multi-positive contrastive loss over the *whole* training gallery: each composed query should
-score its target images (every image that satisfies it) above every other image, its reference excluded as in
-the evaluation. AdamW, cosine decay; everything follows from ``--seed``. Retraining after the backbone
+The loss is a multi-positive contrastive loss: each composed query should score its target images (every
+image that satisfies it) above the other images, its reference excluded as in the evaluation. To keep a step
+cheap the other images are, per batch, the hard negatives of its queries (the gallery images closest to each
+query's target, found once from the frozen embeddings) plus a random sample of the gallery (``--negatives 0``:
+the whole gallery). AdamW, cosine decay; everything follows from ``--seed``. Retraining after the backbone
 changes is the same single command.
 """
 
@@ -40,6 +42,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=1e-4, help="default 1e-4")
     p.add_argument("--temperature", type=float, default=0.02, help="softmax temperature of the loss (default 0.02)")
+    p.add_argument("--negatives", type=int, default=2048,
+                   help="random gallery images per batch besides the positives and hard negatives; 0 = the whole "
+                        "gallery (default 2048)")
+    p.add_argument("--hard-negatives", dest="hard_negatives", type=int, default=16,
+                   help="per query, the gallery images closest to its target (default 16)")
     p.add_argument("--proj-dim", dest="proj_dim", type=int, default=256, help="projection width (default 256)")
     p.add_argument("--hidden-dim", dest="hidden_dim", type=int, default=512, help="hidden width (default 512)")
     p.add_argument("--dropout", type=float, default=0.1, help="default 0.1")
@@ -70,14 +77,44 @@ def multi_positive_loss(q: torch.Tensor, gallery: torch.Tensor, positives: torch
     return (torch.logsumexp(logits, dim=1) - torch.logsumexp(pos, dim=1)).mean()
 
 
-def _masks(dataset, queries: list[int], n_gallery: int) -> tuple[torch.Tensor, torch.Tensor]:
-    positives = torch.zeros(len(queries), n_gallery, dtype=torch.bool)
+@torch.no_grad()
+def hard_negatives(dataset, images: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Q x k: for each query, the k gallery images most similar to its first target that are neither targets
+    nor excluded (near misses: the scenes one wrong edit away look like the target)."""
+    queries = len(dataset.references)
+    out = torch.empty(queries, k, dtype=torch.long)
+    for start in range(0, queries, chunk):
+        rows = range(start, min(start + chunk, queries))
+        sim = images[[dataset.targets[q][0] for q in rows]] @ images.T
+        for r, q in enumerate(rows):
+            sim[r, dataset.targets[q]] = float("-inf")
+            if dataset.exclude is not None:
+                sim[r, dataset.exclude[q]] = float("-inf")
+        out[start:start + len(rows)] = sim.topk(k, dim=1).indices
+    return out
+
+
+def candidates(dataset, batch: list[int], hard: torch.Tensor | None, negatives: int, n_gallery: int,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gallery indices scored in this step, positives mask, excluded mask), masks B x len(indices)."""
+    if negatives <= 0:
+        index = torch.arange(n_gallery)
+    else:
+        parts = [torch.tensor([t for q in batch for t in dataset.targets[q]]),
+                 torch.randint(n_gallery, (negatives,), generator=gen)]
+        if hard is not None:
+            parts.append(hard[batch].flatten())
+        index = torch.unique(torch.cat(parts))
+    where = torch.full((n_gallery,), -1, dtype=torch.long)
+    where[index] = torch.arange(len(index))
+    positives = torch.zeros(len(batch), len(index), dtype=torch.bool)
     excluded = torch.zeros_like(positives)
-    for row, q in enumerate(queries):
-        positives[row, dataset.targets[q]] = True
+    for row, q in enumerate(batch):
+        positives[row, where[dataset.targets[q]]] = True
         if dataset.exclude is not None:
-            excluded[row, dataset.exclude[q]] = True
-    return positives, excluded
+            ex = where[dataset.exclude[q]]
+            excluded[row, ex[ex >= 0]] = True
+    return index, positives, excluded
 
 
 @torch.no_grad()
@@ -127,6 +164,7 @@ def main(args) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     refs = torch.tensor(train.references)
     gen = torch.Generator().manual_seed(args.seed)
+    hard = hard_negatives(train, images, args.hard_negatives) if args.hard_negatives > 0 else None
     t1 = time.time()
     for epoch in range(args.epochs):
         combiner.train()
@@ -134,9 +172,9 @@ def main(args) -> int:
         losses = []
         for start in range(0, n, args.batch_size):
             batch = order[start:start + args.batch_size]
-            positives, excluded = _masks(train, batch, len(images))
+            index, positives, excluded = candidates(train, batch, hard, args.negatives, len(images), gen)
             q = combiner(images[refs[batch]], texts[batch])
-            loss = multi_positive_loss(q, images, positives, excluded, args.temperature)
+            loss = multi_positive_loss(q, images[index], positives, excluded, args.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -152,7 +190,8 @@ def main(args) -> int:
     sum_metrics = evaluate(SumComposer(), val_images, val_texts, val)
     meta = {
         "base_model": args.model, "base_weights": base_weights, "data": args.data, "val_data": args.val_data,
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+        "epochs": args.epochs, "batch_size": args.batch_size, "negatives": args.negatives,
+        "hard_negatives": args.hard_negatives, "lr": args.lr, "weight_decay": args.weight_decay,
         "temperature": args.temperature, "seed": args.seed, "threads": torch.get_num_threads(),
         "final_loss": round(sum(losses) / len(losses), 4), "val_clean": val_metrics, "val_clean_sum": sum_metrics,
         "seconds_embeddings": round(t_embed, 1), "seconds_training": round(t_train, 1),
