@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--val-data", dest="val_data", default="shapes-cir:val",
                    help="composed validation data, reported at the end (default shapes-cir:val)")
     p.add_argument("--image-root", dest="image_root", help="folder the training data's image paths are relative to")
-    p.add_argument("--epochs", type=int, default=30, help="passes over the training queries (default 30)")
+    p.add_argument("--epochs", type=int, default=40, help="passes over the training queries (default 40, as shipped)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="default 256")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=1e-4, help="default 1e-4")
