@@ -158,6 +158,7 @@ def test_run_contract_with_the_shipped_shapes_cir_model(tmp_path, capsys):
                      "--no-progress", "--out", str(tmp_path / "out")])
     assert code == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert f"r50 {result['r50']:.2f}" in capsys.readouterr().out
     assert result["model"] == "shapes-cir" and result["shift"] == "gaussian_noise:3"
     assert result["config"]["composer"] is None and result["n_queries"] == 40
 
@@ -218,3 +219,13 @@ def test_hf_clip_composed_queries_flatten_their_token_dicts(tmp_path):
     result = run(RunConfig(model=spec, data="shapes-cir:test:6", direction="c2i", method="tcr", batch_size=3,
                            cache_dir=str(tmp_path / "cache"), progress=False))
     assert result["n_queries"] == 6
+
+
+def test_forgetting_on_clean_composed_queries(tmp_path):
+    result = run(RunConfig(model=MODEL, data="shapes-cir:test:16", direction="c2i", method="tent", batch_size=8,
+                           shift="RandomCharAug_swap:5", eval_clean_after=True, cache_dir=str(tmp_path),
+                           progress=False))
+    f = result["forgetting"]
+    source = run(RunConfig(model=MODEL, data="shapes-cir:test:16", direction="c2i", batch_size=8,
+                           cache_dir=str(tmp_path), progress=False))
+    assert f["r1_source"] == source["r1"]  # clean queries, source parameters, reference excluded alike

@@ -94,6 +94,9 @@ def add_parser(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     result = run(config_from_args(args))
     print(format_table([result]))
+    if "r50" in result:  # composed queries: CIRR / FashionIQ report R@50 (and CIRR Recall_subset@K)
+        extra = ["r50"] + [k for k in ("rsubset1", "rsubset2", "rsubset3") if k in result]
+        print("  ".join(f"{k} {result[k]:.2f}" for k in extra))
     if "forgetting" in result:
         f = result["forgetting"]
         print(f"forgetting (clean R@1 after - source): {f['forgetting']:+.2f} "
