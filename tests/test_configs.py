@@ -144,6 +144,14 @@ def test_suite_shifts_are_known_corruptions():
 
     for path in SUITES:
         for run in load_suite(path)[1]:
+            if run["direction"] == "c2i":  # composed queries: an image part, a text part or both
+                from queryshift.engine.composed import build_composed_shift
+
+                parts = [p.partition(":")[0] for p in (run.get("shift") or "").split("+") if p]
+                assert all(p in registry.IMAGE_CORRUPTIONS or p in registry.TEXT_CORRUPTIONS for p in parts), path
+                if not any(p in registry.SENTENCE_CORRUPTIONS for p in parts):  # those load models when built
+                    build_composed_shift(run.get("shift"))
+                continue
             modality = "image" if run["direction"] == "i2t" else "text"
             name, _, level = (run.get("shift") or "").partition(":")
             if os.path.basename(path).startswith("synthetic"):

@@ -14,7 +14,7 @@ import sys
 from . import __version__
 
 # module names under queryshift.commands; each defines add_parser(subparsers) and main(args)
-COMMANDS = ("run", "bench", "corrupt", "train_source", "info", "serve")
+COMMANDS = ("run", "bench", "corrupt", "train_source", "train_combiner", "info", "serve")
 
 DEBUG_HELP = "show the full Python traceback of an error"
 

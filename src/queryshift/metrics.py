@@ -55,3 +55,26 @@ def retrieval_metrics(best_ranks: Sequence[int], aps: Sequence[float] | None = N
         metrics["map"] = round(100.0 * float(np.mean(aps)), 2)
     metrics["n_queries"] = len(best_ranks)
     return metrics
+
+
+def subset_ranks(scores: torch.Tensor, subsets: Sequence[Sequence[int]],
+                 relevant: Sequence[Sequence[int]]) -> list[int]:
+    """Best rank of each row's relevant items among that row's subset of the gallery (CIRR's ``img_set``).
+
+    The subset is ranked by score (ties in gallery order); a relevant item outside the subset does not count.
+    """
+    out = []
+    for row, (members, rel) in enumerate(zip(subsets, relevant)):
+        members = list(members)
+        inside = [m for m in members if m in set(rel)]
+        if not inside:
+            raise ValueError(f"query row {row}: no relevant item in its subset {members}")
+        sub = scores[row, members].detach().float().cpu()
+        order = torch.sort(sub, descending=True, stable=True).indices.tolist()
+        out.append(min(order.index(members.index(m)) for m in inside))
+    return out
+
+
+def recall_subset(best_ranks: Sequence[int], ks: Sequence[int] = (1, 2, 3)) -> dict[str, float]:
+    """CIRR's Recall_subset@K (percent) as ``rsubset1``, ``rsubset2``, ``rsubset3``."""
+    return {f"rsubset{k}": recall_at_k(best_ranks, k) for k in ks}

@@ -26,8 +26,8 @@ from .run import add_run_options, config_from_args
 # the shipped suites live in the checkout's configs/suites; a configs/suites under the current directory wins
 PACKAGE_SUITES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "suites"))
 QUERY_MODALITY = {"i2t": "image", "t2i": "text"}
-_SLIM = ("r1", "r5", "r10", "r_mean", "map", "n_queries", "segments", "forgetting", "skipped_updates", "warnings",
-         "seconds")
+_SLIM = ("r1", "r5", "r10", "r_mean", "map", "r50", "rsubset1", "rsubset2", "rsubset3", "n_queries",
+         "segments", "forgetting", "skipped_updates", "warnings", "seconds")
 
 
 def add_parser(subparsers) -> None:
@@ -150,6 +150,11 @@ def _fits(shift: str, direction: str) -> bool:
     from ..shifts.registry import ALIASES, IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS
 
     spec = None if shift == "clean" else shift
+    if direction == "c2i":  # composed queries take image, text and combined shifts alike
+        from ..engine.composed import build_composed_shift
+
+        build_composed_shift(spec)
+        return True
     modality, other = ("image", "text") if direction == "i2t" else ("text", "image")
     name = (spec or "").partition(":")[0]
     name = ALIASES.get(name, name)

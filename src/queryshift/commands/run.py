@@ -24,6 +24,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="dataset: a Karpathy JSON, a JSONL/CSV of image,caption[,group], or a named "
                                   "dataset such as 'shapes' (default: shapes)")
     g.add_argument("--image-root", dest="image_root", help="folder the dataset's image paths are relative to")
+    g.add_argument("--composer", help="c2i only: how the reference image and the text fuse: sum, combiner:<file> "
+                                      "(queryshift train-combiner) or shapes-cir (default: the model's own, else sum)")
     g.add_argument("--batch-size", dest="batch_size", type=int, help="queries per online batch (default 64)")
     g.add_argument("--seed", type=int, help="seed of the query order, the shifts and random models (default 42)")
     g.add_argument("--steps", type=int, help="optimisation steps per batch (default 3)")
@@ -76,7 +78,9 @@ def add_parser(subparsers) -> None:
                     "r_mean map, config, seed, versions, git commit), OUT/log.jsonl (one line per batch), "
                     "OUT/table.md, and a checkpoint that --resume continues from.")
     p.add_argument("--config", help="YAML file of run settings; command-line options override it")
-    p.add_argument("--direction", choices=["i2t", "t2i"], help="i2t: image queries; t2i: text queries (default i2t)")
+    p.add_argument("--direction", choices=["i2t", "t2i", "c2i"],
+                   help="i2t: image queries; t2i: text queries; c2i: composed queries, a reference image plus a "
+                        "modification text, against images (default i2t)")
     p.add_argument("--method", help="adaptation method, see 'queryshift list' (default source)")
     p.add_argument("--shift", help="query shift NAME:SEVERITY, a domain style or a stream (default: clean)")
     p.add_argument("--out", help="output directory")
@@ -89,6 +93,9 @@ def add_parser(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     result = run(config_from_args(args))
     print(format_table([result]))
+    if "r50" in result:  # composed queries: CIRR / FashionIQ report R@50 (and CIRR Recall_subset@K)
+        extra = ["r50"] + [k for k in ("rsubset1", "rsubset2", "rsubset3") if k in result]
+        print("  ".join(f"{k} {result[k]:.2f}" for k in extra))
     if "forgetting" in result:
         f = result["forgetting"]
         print(f"forgetting (clean R@1 after - source): {f['forgetting']:+.2f} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from .composed import ComposedDataset
 from .loaders import load_dataset, load_karpathy, load_pairs
 from .retrieval import DataError, RetrievalDataset, duplicate_entries, from_groups, pre_caption
 
@@ -18,6 +19,10 @@ def _lazy(module: str, func: str):
 # ``--data NAME[:ARG]`` -> builder(arg, image_root=...). One line per named dataset.
 DATASETS = {
     "shapes": _lazy(".shapes", "load_shapes"),
+    # composed image retrieval (--direction c2i): the synthetic world, CIRR and FashionIQ
+    "shapes-cir": _lazy(".shapes_cir", "load_shapes_cir"),
+    "cirr": _lazy(".cirr", "load_cirr"),  # ARG = <root>[:train|:val]
+    "fashioniq": _lazy(".fashioniq", "load_fashioniq"),  # ARG = <root>:<dress|shirt|toptee>[:split]
     # query-gallery shift (spec §4.3): ARG = annotation file or dataset root
     "nocaps_in": _lazy(".qgs", "load_nocaps_in"),
     "nocaps_near": _lazy(".qgs", "load_nocaps_near"),
@@ -29,5 +34,5 @@ DATASETS = {
     "icfg_pedes": _lazy(".qgs", "load_icfg_pedes"),
 }
 
-__all__ = ["DataError", "RetrievalDataset", "duplicate_entries", "from_groups", "pre_caption", "load_dataset",
-           "load_karpathy", "load_pairs", "DATASETS"]
+__all__ = ["ComposedDataset", "DataError", "RetrievalDataset", "duplicate_entries", "from_groups", "pre_caption",
+           "load_dataset", "load_karpathy", "load_pairs", "DATASETS"]

@@ -10,6 +10,7 @@ from typing import Any
 from .. import methods
 
 RESULT_KEYS = ("r1", "r5", "r10", "r_mean", "map")
+DIRECTIONS = ("i2t", "t2i", "c2i")  # c2i: composed queries (reference image + modification text) -> images
 
 # Fields that may differ between an interrupted run and its resumption (or a reused finished run).
 RESUME_FREE = frozenset({"out", "resume", "overwrite", "num_workers", "progress", "cache_dir", "device"})
@@ -22,7 +23,8 @@ class RunConfig:
     model: str = "shapes-clip"
     data: str = "shapes"
     image_root: str | None = None
-    direction: str = "i2t"  # i2t: image queries, text gallery; t2i: text queries, image gallery
+    direction: str = "i2t"  # i2t: image queries, text gallery; t2i: text queries, image gallery; c2i: composed
+    composer: str | None = None  # c2i: sum, combiner:<file> or a shipped combiner (default: the model's, else sum)
     method: str = "source"
     shift: str | None = None  # query-side shift, e.g. gaussian_noise:5, RandomCharAug_swap:7, stream:temporal
     batch_size: int = 64
@@ -50,8 +52,10 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.direction not in ("i2t", "t2i"):
-            raise ValueError(f"direction must be 'i2t' or 't2i', got {self.direction!r}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be 'i2t', 't2i' or 'c2i', got {self.direction!r}")
+        if self.composer is not None and self.direction != "c2i":
+            raise ValueError(f"composer {self.composer!r} applies to composed queries only (--direction c2i)")
         self._check_ranges()
         # the method's own hyper-parameters, typed and range-checked (an unknown method fails here too)
         self.hparams = methods.get(self.method).check_hparams(self.hparams)

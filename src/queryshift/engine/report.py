@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import shifts
 from ..atomic import write_text
-from ..metrics import batch_ranks, retrieval_metrics
+from ..metrics import retrieval_metrics
 from ..runinfo import git_commit, versions
+from .composed import build_query_shift, composed_metrics, rank_queries
 from .config import RESULT_KEYS, RunConfig
 from .stream import QueryItems, loader, query_order, stream_batches
 
@@ -47,6 +47,8 @@ def summarise(cfg: RunConfig, rows: list[dict], dataset, shift, bad_items: list[
     ranks = [r for row in rows for r in row["ranks"]]
     aps = [a for row in rows for a in row["aps"]]
     result: dict[str, Any] = retrieval_metrics(ranks, aps)
+    if cfg.direction == "c2i":
+        result.update(composed_metrics(rows))
     segments: dict[str, tuple[list, list]] = {}
     for row in rows:
         for seg, r, a in zip(row["segments"], row["ranks"], row["aps"]):
@@ -70,16 +72,15 @@ def summarise(cfg: RunConfig, rows: list[dict], dataset, shift, bad_items: list[
 def clean_forgetting(retriever, dataset, relevance, cfg: RunConfig) -> dict[str, float]:
     """R@1 on clean queries with the adapted parameters minus R@1 with the source parameters."""
     order = query_order(len(relevance), cfg.seed, cfg.shuffle, cfg.max_queries)
-    items = QueryItems(dataset, retriever.modality, order, shifts.QueryShift(), cfg.seed, retriever.model,
-                       cfg.max_words)
+    clean = build_query_shift(None, retriever.modality)
+    items = QueryItems(dataset, retriever.modality, order, clean, cfg.seed, retriever.model, cfg.max_words)
     batches = stream_batches(len(order), cfg.batch_size)
     after, source = [], []
     for _, indices, batch in tqdm(loader(items, batches, cfg.num_workers), total=len(batches),
                                   desc="clean queries after adaptation", disable=not cfg.progress, leave=False):
         x = retriever.model_input(batch)
-        rel = [relevance[i] for i in indices]
-        after += batch_ranks(retriever.scores(x), rel)[0]
-        source += batch_ranks(retriever.scores(x, source=True), rel)[0]
+        after += rank_queries(retriever.scores(x), indices, dataset, relevance, cfg.direction)[0]
+        source += rank_queries(retriever.scores(x, source=True), indices, dataset, relevance, cfg.direction)[0]
     r_after, r_source = retrieval_metrics(after), retrieval_metrics(source)
     return {"r1_after": r_after["r1"], "r1_source": r_source["r1"],
             "forgetting": round(r_after["r1"] - r_source["r1"], 2)}

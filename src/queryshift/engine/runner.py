@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import methods, shifts
+from .. import methods
 from ..data import DataError, duplicate_entries, load_dataset
 from ..methods.hparams import min_batch_size
-from ..metrics import batch_ranks
+from ..models.composed import compose
+from .composed import build_query_shift, rank_queries
 from .config import RunConfig
 from .gallery import encode_gallery, load_source, weights_digest
 from .report import clean_forgetting, format_table, json_safe, summarise
@@ -41,7 +42,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         raise DataError(f"image_root {cfg.image_root}: not a directory (the folder the dataset's image paths "
                         f"are relative to)")
     dataset = load_dataset(cfg.data, cfg.image_root, cfg.max_words)
-    shift = shifts.build(cfg.shift, dataset.query_items(cfg.direction)[0], cfg.seed)  # a bad shift fails here
+    shift = build_query_shift(cfg.shift, dataset.query_items(cfg.direction)[0], cfg.seed)  # a bad shift fails here
     rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite, cfg) if cfg.out else None
     try:
         return _run(cfg, dataset, shift, rundir, t_start)
@@ -57,6 +58,8 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     warnings = setting_warnings(cfg, dataset)
     model = load_source(cfg.model, cfg.seed, cfg.device)
     weights = weights_digest(model)  # before any adaptation: which source weights this run started from
+    if cfg.direction == "c2i":  # the composed query encoder: the model's own composer, --composer or sum
+        model = compose(model, cfg.composer).to(cfg.device)
     modality, n_queries, relevance = dataset.query_items(cfg.direction)
     gallery_modality = "text" if modality == "image" else "image"
     gallery = encode_gallery(model, dataset, gallery_modality, cfg, weights).to(cfg.device)
@@ -79,10 +82,10 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
         for b, (positions, indices, batch) in enumerate(loader(items, batches[done:], cfg.num_workers), start=done):
             t0 = time.time()
             scores, info = retriever.adapt(retriever.model_input(batch))
-            ranks, aps = batch_ranks(scores, [relevance[i] for i in indices])
+            ranks, aps, extra = rank_queries(scores, indices, dataset, relevance, cfg.direction)
             row = {"batch": b, "n": len(indices), "seconds": round(time.time() - t0, 4),
                    **{k: json_safe(v) for k, v in info.items()},
-                   "queries": indices, "ranks": ranks, "aps": aps,
+                   "queries": indices, "ranks": ranks, "aps": aps, **extra,
                    "segments": [shift.segment(p, len(order)) for p in positions]}
             rows.append(row)
             if rundir:

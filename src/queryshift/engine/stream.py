@@ -24,6 +24,14 @@ class QueryItems(torch.utils.data.Dataset):
     def __getitem__(self, position: int):
         index = self.order[position]
         rng = shifts.item_rng(self.seed, index)
+        if self.modality == "composed":  # (reference image, modification text); the shift may touch both
+            image, text = self.shift((self.dataset.load_reference(index), self.dataset.texts[index]),
+                                     index, position, len(self.order), rng)
+            text = pre_caption(text, self.max_words)
+            if not text:
+                raise DataError(f"composed query {index}: the modification text is empty after the shift "
+                                f"{self.shift.name!r}")
+            return position, index, (self.model.preprocess(image), text)
         if self.modality == "image":
             image = self.shift(self.dataset.load_image(index), index, position, len(self.order), rng)
             return position, index, self.model.preprocess(image)
@@ -38,15 +46,19 @@ def collate(batch):
     positions, indices, items = zip(*batch)
     if isinstance(items[0], torch.Tensor):
         items = torch.stack(items)
+    elif isinstance(items[0], tuple):  # composed: (preprocessed reference image, text)
+        items = {"image": torch.stack([i for i, _ in items]), "text": [t for _, t in items]}
     else:
         items = list(items)
     return list(positions), list(indices), items
 
 
 def to_model_input(model: DualEncoder, modality: str, items, device: str):
-    """A collated batch of preprocessed images or raw texts -> the tensors the model's tower takes."""
+    """A collated batch of preprocessed images, raw texts or composed items -> the query encoder's input."""
     if modality == "image":
         return items.to(device)
+    if modality == "composed":
+        return model.composed_input(items["image"], items["text"], device)
     tokens = model.tokenize(items)
     if isinstance(tokens, dict):
         return {k: v.to(device) for k, v in tokens.items()}
