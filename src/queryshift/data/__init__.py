@@ -18,6 +18,7 @@ def _lazy(module: str, func: str):
 # ``--data NAME[:ARG]`` -> builder(arg, image_root=...). One line per named dataset.
 DATASETS = {
     "shapes": _lazy(".shapes", "load_shapes"),
+    "shapes-5k": _lazy(".shapes", "load_shapes_5k"),
     # query-gallery shift (spec §4.3): ARG = annotation file or dataset root
     "nocaps_in": _lazy(".qgs", "load_nocaps_in"),
     "nocaps_near": _lazy(".qgs", "load_nocaps_near"),
