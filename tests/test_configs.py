@@ -159,7 +159,7 @@ def test_suite_shifts_are_known_corruptions():
         for run in load_suite(path)[1]:
             modality = "image" if run["direction"] == "i2t" else "text"
             name, _, level = (run.get("shift") or "").partition(":")
-            if os.path.basename(path).startswith("synthetic"):
+            if os.path.basename(path).startswith(("synthetic", "validation")):
                 shifts.build(run.get("shift"), modality)  # offline suites: every shift resolves here
                 continue  # the paper-row checks below do not apply to them
             if not name:

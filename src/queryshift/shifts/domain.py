@@ -60,11 +60,17 @@ def _composite(objects: np.ndarray, alpha: np.ndarray, background: np.ndarray) -
     return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8))
 
 
+def _erode(mask: Image.Image, width: int) -> np.ndarray:
+    """Erosion by a (2 width + 1) square, as ``width`` 3x3 erosions (the same result, much faster)."""
+    for _ in range(width):
+        mask = mask.filter(ImageFilter.MinFilter(3))
+    return np.asarray(mask) > 0
+
+
 def outline(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     pixels, background, alpha = _split_background(image)
     mask = Image.fromarray((alpha > 0.5).astype(np.uint8) * 255)
-    width = max(1, round(_px(min(alpha.shape), 2)))  # contour width: erode by a (2 w + 1) square
-    inner = np.asarray(mask.filter(ImageFilter.MinFilter(2 * width + 1))) > 0
+    inner = _erode(mask, max(1, round(_px(min(alpha.shape), 2))))  # a 2 px contour at 64 px
     ring = alpha * ~inner  # object minus its erosion, keeping the anti-aliased outer edge
     return _composite(_object_colours(pixels, background, alpha), ring, background)
 
@@ -100,8 +106,7 @@ def sketch(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     paper = np.full(3, rng.uniform(238, 252)) + rng.uniform(-4, 4, size=3)
     pale = paper + rng.uniform(0.35, 0.55) * (objects - paper)
     mask = Image.fromarray((alpha > 0.5).astype(np.uint8) * 255)
-    width = max(1, round(_px(min(alpha.shape), 1)))
-    inner = np.asarray(mask.filter(ImageFilter.MinFilter(2 * width + 1))) > 0
+    inner = _erode(mask, max(1, round(_px(min(alpha.shape), 1))))
     ring = alpha * ~inner
     pencil = np.full(3, rng.uniform(30, 70))
     filled = _composite(pale, alpha, paper)
