@@ -138,6 +138,19 @@ published: {rest: 1.5}
     assert published == {"rest": 1.5}
 
 
+def test_no_test_suite_uses_a_validation_shift():
+    registry = pytest.importorskip("queryshift.shifts.registry")
+    assert registry.is_validation("spatter:3") and registry.is_validation("style:sketch")
+    assert registry.is_validation("stream:temporal=clean,saturate:5") and registry.is_validation("style:chatty")
+    assert not registry.is_validation("fog:5") and not registry.is_validation("style:outline")
+    assert not registry.is_validation(None) and not registry.is_validation("stream:temporal")
+    for path in SUITES:
+        if os.path.basename(path).startswith("validation"):
+            continue
+        for run in load_suite(path)[1]:
+            assert not registry.is_validation(run.get("shift")), (path, run["shift"])
+
+
 def test_suite_shifts_are_known_corruptions():
     registry = pytest.importorskip("queryshift.shifts.registry")
     from queryshift import shifts
@@ -154,7 +167,7 @@ def test_suite_shifts_are_known_corruptions():
                 continue
             modality = "image" if run["direction"] == "i2t" else "text"
             name, _, level = (run.get("shift") or "").partition(":")
-            if os.path.basename(path).startswith("synthetic"):
+            if os.path.basename(path).startswith(("synthetic", "validation")):
                 shifts.build(run.get("shift"), modality)  # offline suites: every shift resolves here
                 continue  # the paper-row checks below do not apply to them
             if not name:

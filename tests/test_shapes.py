@@ -4,16 +4,19 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from queryshift.data import DATASETS
 from queryshift.data.shapes import (
     CAPTIONS_PER_IMAGE,
     COLOURS,
+    IMAGE_SIZE,
     SHAPES,
     TEMPLATES,
     load_shapes,
     parse_caption,
     relation,
+    render,
     sample_scene,
 )
 from queryshift.shifts import item_rng
@@ -30,7 +33,29 @@ def test_test_split_has_flickr_shape():
     assert (len(ds.images), len(ds.texts)) == (1000, 5000)
     assert all(len(t) == CAPTIONS_PER_IMAGE for t in ds.img2txt)
     assert all(ds.txt2img[t] == [i] for i, ts in enumerate(ds.img2txt) for t in ts)
-    assert ds.load_image(0).size == (64, 64) and ds.load_image(0).mode == "RGB"
+    assert ds.load_image(0).size == (IMAGE_SIZE, IMAGE_SIZE) and ds.load_image(0).mode == "RGB"
+    assert IMAGE_SIZE >= 2 * 64  # native resolution: at least twice the models' input
+
+
+def test_shapes_5k_is_coco_sized_and_extends_the_1k_split():
+    big = DATASETS["shapes-5k"](None)
+    assert big.name == "shapes-5k" and (len(big.images), len(big.texts)) == (5000, 25000)
+    assert -(-len(big.images) // 64) == 79 and -(-len(big.texts) // 64) == 391  # COCO-C's stream lengths
+    small = load_shapes("test:40")
+    assert big.texts[:200] == small.texts
+    assert np.array_equal(_pixels(big, 39), _pixels(small, 39))
+    assert len(DATASETS["shapes-5k"]("12").images) == 12
+    with pytest.raises(ValueError, match="shapes-5k"):
+        DATASETS["shapes-5k"]("test")
+    assert f"@{IMAGE_SIZE}px" in big.images[0]  # another rendering gets another gallery cache key
+
+
+def test_render_scales_the_scene_not_the_layout():
+    scene = sample_scene("test", 3)
+    small, native = np.asarray(render(scene, 64)), np.asarray(render(scene))
+    downsized = np.asarray(render(scene).resize((64, 64), Image.Resampling.BOX))
+    assert native.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert np.abs(downsized.astype(int) - small.astype(int)).mean() < 3
 
 
 def test_registered_and_subsets_match_the_full_split():
@@ -85,18 +110,20 @@ def test_every_template_occurs_and_some_captions_are_shared():
     assert len(set(ds.texts)) < len(ds.texts)  # partial captions fit several images
 
 
-@pytest.mark.parametrize("name", ["style:outline", "style:dark", "style:texture"])
+@pytest.mark.parametrize("name", ["style:outline", "style:dark", "style:texture", "style:sketch"])
 def test_image_styles_change_the_image_deterministically(name):
     ds = load_shapes("test:10")
     style = DOMAIN_SHIFTS[name]("image", 0)
     assert style.modality == "image" and style.name == name
+    changed = 0
     for i in range(10):
         clean = ds.load_image(i)
         a = style(clean, i, i, 10, item_rng(0, i))
         b = style(ds.load_image(i), i, i, 10, item_rng(0, i))
         assert a.size == clean.size and a.mode == "RGB"
         assert np.array_equal(np.asarray(a), np.asarray(b))
-        assert not np.array_equal(np.asarray(a), np.asarray(clean))
+        changed += not np.array_equal(np.asarray(a), np.asarray(clean))
+    assert changed >= 8  # an outline of a shape thinner than the contour is the shape itself
     with pytest.raises(ValueError, match="image style"):
         DOMAIN_SHIFTS[name]("text", 0)
 
@@ -122,3 +149,13 @@ def test_synonyms_never_occur_in_training_captions():
     for t, text in enumerate(load_shapes("test:50").texts):
         words = set(re.findall(r"\w+", style(text, t, t, 1, item_rng(0, t))))
         assert not words & (set(SHAPES) | set(COLOURS))
+
+
+def test_chatty_wraps_the_caption_in_filler():
+    style = DOMAIN_SHIFTS["style:chatty"]("text", 0)
+    texts = load_shapes("test:20").texts
+    out = [style(t, i, i, len(texts), item_rng(0, i)) for i, t in enumerate(texts)]
+    assert all(t in o and o != t for t, o in zip(texts, out))
+    assert out == [style(t, i, i, len(texts), item_rng(0, i)) for i, t in enumerate(texts)]
+    with pytest.raises(ValueError, match="text style"):
+        DOMAIN_SHIFTS["style:chatty"]("image", 0)

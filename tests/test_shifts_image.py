@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from queryshift.shifts import item_rng
-from queryshift.shifts.image import IMAGE_CORRUPTIONS, ImageCorruption, corrupt
+from queryshift.shifts.image import IMAGE_CORRUPTIONS, VALIDATION_CORRUPTIONS, ImageCorruption, corrupt
 from queryshift.shifts.registry import build_shift
 
 RANDOM_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur", "fog",
@@ -124,3 +124,39 @@ def test_shift_object_and_registry():
         build_shift("gaussian_noise:5", "text")
     with pytest.raises(ValueError, match="defocus_blur"):
         build_shift("no_such_blur:3", "image")
+
+
+# -- validation corruptions ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", VALIDATION_CORRUPTIONS)
+def test_validation_corruptions_are_registered_deterministic_and_change_the_image(name):
+    img = _photo(96, 80)
+    for severity in range(1, 6):
+        shift = build_shift(f"{name}:{severity}", "image")
+        a = shift(img, 3, 0, 1, item_rng(0, 3))
+        b = shift(img, 3, 0, 1, item_rng(0, 3))
+        assert a.size == img.size and a.mode == "RGB"
+        assert np.array_equal(np.asarray(a), np.asarray(b)) and _diff(a, img) > 0.2, (name, severity)
+    with pytest.raises(ValueError, match="image"):
+        build_shift(f"{name}:5", "text")
+
+
+@pytest.mark.parametrize("name", ["gaussian_blur", "saturate"])
+def test_deterministic_validation_corruptions_match_imagenet_c(name):
+    reference = pytest.importorskip("imagecorruptions")
+    img = _photo(64, 64)
+    for severity in (1, 3, 5):
+        ours = np.asarray(corrupt(img, name, severity, item_rng(0, 0)), float)
+        theirs = np.asarray(reference.corrupt(np.asarray(img), corruption_name=name, severity=severity), float)
+        assert np.abs(ours - np.rint(theirs)).max() <= 2, (name, severity)
+
+
+def test_spatter_is_water_at_low_severity_and_mud_at_high():
+    img = Image.new("RGB", (128, 128), (128, 128, 128))
+    water = np.asarray(corrupt(img, "spatter", 1, item_rng(0, 1)), float) - 128
+    mud = np.asarray(corrupt(img, "spatter", 5, item_rng(0, 1)), float) - 128
+    assert water.min() >= 0 and water.max() > 40  # drops only brighten, more in green/blue than red
+    assert water[..., 1].sum() > water[..., 0].sum()
+    assert mud.max() <= 0 and mud.min() < -60  # mud only darkens, towards brown (red stays highest)
+    dark = mud[..., 0] < -30
+    assert dark.any() and (mud[dark][:, 0] > mud[dark][:, 2]).all()

@@ -57,3 +57,39 @@ def test_bad_hard_pairs_fraction_is_refused_before_any_work(tmp_path, capsys):
     assert cli_main(["train-source", "--hard-pairs", "0.7", "--out", str(tmp_path / "m.pt"), "--no-progress"]) == 2
     assert "--hard-pairs must be between 0 and 0.5, got 0.7" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_general_stage_then_customization_from_it(tmp_path):
+    """The two-stage recipe end to end on a toy architecture: general corpus, then custom from --init."""
+    import open_clip
+
+    from queryshift.models import openclip as backend
+
+    backend._open_clip()
+    config = {"embed_dim": 16,
+              "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "qs-test64g.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / "qs-test64g.json"))
+    common = ["--arch", "qs-test64g", "--steps", "2", "--train-images", "32", "--batch-size", "8", "--warmup", "1",
+              "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    general, custom = tmp_path / "general.pt", tmp_path / "custom.pt"
+    assert cli_main(["train-source", "--stage", "general", "--views", "2", "--out", str(general), *common]) == 0
+    info = json.loads((tmp_path / "general.json").read_text())
+    assert info["stage"] == "general" and info["views"] == 2 and info["captions_per_image"] == 10
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the rendered views are kept for the next run
+
+    assert cli_main(["train-source", "--stage", "custom", "--init", str(general), "--out", str(custom),
+                     *common]) == 0
+    info = json.loads((tmp_path / "custom.json").read_text())
+    assert info["stage"] == "custom" and info["init"] == "general.pt" and info["captions_per_image"] == 5
+    start, end = torch.load(general), torch.load(custom)
+    # customization starts from the general weights: a 2-step fine-tune stays close to them
+    moved = (end["visual.proj"].float() - start["visual.proj"].float()).abs().mean()
+    assert 0 < moved < start["visual.proj"].float().abs().mean()
+
+
+def test_init_must_exist(tmp_path, capsys):
+    assert cli_main(["train-source", "--init", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "m.pt"),
+                     "--no-progress"]) == 2
+    assert "--init: no checkpoint at" in capsys.readouterr().err

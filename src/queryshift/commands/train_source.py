@@ -1,10 +1,18 @@
-"""``queryshift train-source``: train the small open_clip CLIP of the shapes world from scratch.
+"""``queryshift train-source``: train the small open_clip CLIP of the shapes world.
 
-This is how the shipped ``shapes-clip`` checkpoint was made: CLIP's symmetric contrastive loss on the
-clean ``shapes:train`` split, AdamW with a linear warm-up and cosine decay. Half of each batch are images
-whose objects have the same colours as another image of the batch (hard pairs). No augmentation, and no
-domain style or corruption ever: those are the query shifts the model is later evaluated under.
-Everything (model init, batch order, caption choice) follows from ``--seed``.
+The shipped models come from two stages, the general-to-customized paradigm REST starts from
+(docs/model-card-shapes-clip.md has the exact commands):
+
+* ``--stage general`` (``shapes-clip-general``): from scratch on the general corpus of
+  :mod:`queryshift.data.shapes_general`: every domain style, caption paraphrases, synonyms and typos, and
+  mild photo-like variation, never a test corruption at its test strength nor a validation shift;
+* ``--stage custom --init GENERAL.pt`` (``shapes-clip``): fine-tuning on the target domain, the clean
+  rendering with the base caption templates. Without ``--init`` it trains from scratch on clean data only.
+
+Both use CLIP's symmetric contrastive loss, AdamW with a linear warm-up and cosine decay, and hard pairs
+(half of each batch are images whose objects have the same colours as another image of the batch). Images
+are rendered at native resolution, varied there, and resized by the backbone's transform, as queries are.
+Everything (model init, views, batch order, caption choice) follows from ``--seed``.
 """
 
 from __future__ import annotations
@@ -16,30 +24,47 @@ import time
 import numpy as np
 import torch
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shapes-clip.pt")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+DEFAULT_OUT = {"general": os.path.join(ASSETS, "shapes-clip-general.pt"),
+               "custom": os.path.join(ASSETS, "shapes-clip.pt")}
+# per-stage defaults of --steps/--lr/--warmup/--views (custom: training from scratch; the shipped recipe
+# fine-tunes with the options written in the model card)
+STAGE_DEFAULTS = {
+    "general": {"steps": 4000, "lr": 1e-3, "warmup": 100, "views": 3},
+    "custom": {"steps": 4000, "lr": 1e-3, "warmup": 100, "views": 1},
+}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "train-source", help="train the shapes-world CLIP (the shipped shapes-clip model) from scratch",
-        description="Train a small open_clip CLIP on the synthetic shapes world and write an fp16 checkpoint "
-                    "plus <out>.json with the training configuration and clean test recall.")
+        "train-source", help="train the shapes-world CLIP (shapes-clip-general, shapes-clip)",
+        description="Train a small open_clip CLIP on the synthetic shapes world (general stage, or customization "
+                    "on the clean domain) and write an fp16 checkpoint plus <out>.json with the training "
+                    "configuration and clean test recall.")
+    p.add_argument("--stage", choices=("general", "custom"), default="custom",
+                   help="general: styles, paraphrases, typos and photo variation; custom: the clean target "
+                        "domain (default)")
+    p.add_argument("--init", help="checkpoint to start from (e.g. the general model); default: random init")
     p.add_argument("--arch", default="qs-shapes", help="open_clip architecture (default qs-shapes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
-    p.add_argument("--steps", type=int, default=4000, help="total optimisation steps (default 4000, as shipped)")
+    p.add_argument("--steps", type=int, help="total optimisation steps (default 4000)")
     p.add_argument("--epochs", type=float, help="passes over the training images (overrides --steps)")
     p.add_argument("--train-images", dest="train_images", type=int, default=20_000,
                    help="first N images of shapes:train (default 20000)")
+    p.add_argument("--views", type=int, help="pre-rendered views per training image (default: general 3, custom 1)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=128, help="default 128")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.1, help="default 0.1")
     p.add_argument("--hard-pairs", dest="hard_pairs", type=float, default=0.5,
                    help="fraction of each batch that is a same-colour partner of another image in it, 0-0.5 "
-                        "(default 0.5, as shipped)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
+                        "(default 0.5)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
     p.add_argument("--eval-every", dest="eval_every", type=int, default=0,
                    help="every N steps, print clean R@1 on shapes:val (default: only at the end)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint path (default: the shipped asset)")
+    p.add_argument("--out", help="checkpoint path (default: the shipped asset of the stage)")
+    p.add_argument("--cache-dir", dest="cache_dir",
+                   help="keep the rendered training views here and reuse them (default: render every time)")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the training views (default 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads (results are bitwise reproducible for a fixed count)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=main)
@@ -63,23 +88,62 @@ def evaluate_clean(model, dataset, batch_size: int = 250) -> dict[str, dict[str,
 
 
 def render_split(split: str, n: int):
-    """uint8 images (n, 3, 64, 64), the five captions of each image, and each image's colour group.
+    """Clean model-input uint8 images (n, 3, 64, 64), the five captions of each image, and each image's
+    colour group (what hard-pair batching matches on). Rendered at native resolution, then resized by the
+    backbone's transform, as gallery images and queries are."""
+    pixels, captions, groups = render_cached(split, n, views=1, general=False, seed=0, cache_dir=None, workers=1)
+    return pixels[:, 0].permute(0, 3, 1, 2).contiguous(), [c for cs in captions for c in cs], groups
 
-    The colour group (index of the sorted multiset of object colours) is what hard-pair batching matches on.
+
+def _render_chunk(job):
+    from ..data.shapes_general import render_views
+
+    return render_views(*job)
+
+
+def render_cached(split: str, n: int, views: int, general: bool, seed: int, cache_dir: str | None,
+                  workers: int):
+    """-> uint8 pixels (n, views, 64, 64, 3), captions per image, colour group per image.
+
+    Views are rendered in ``workers`` processes (each view depends only on its own index, so the result
+    does not depend on the split into chunks) and kept in ``cache_dir`` under a key that includes the source
+    of the rendering modules, so an edit to the corpus never reuses stale pixels.
     """
-    from ..data.retrieval import pre_caption
-    from ..data.shapes import render, sample_scene
+    import hashlib
+    import inspect
 
-    pixels = np.empty((n, 64, 64, 3), dtype=np.uint8)
-    captions = []
+    from ..data import shapes, shapes_general
+    from ..data.shapes import sample_scene
+    from ..shifts import domain
+
+    path = None
+    if cache_dir:
+        code = "".join(inspect.getsource(m) for m in (shapes, shapes_general, domain))
+        key = hashlib.sha256(f"{split}:{n}:{views}:{general}:{seed}:{code}".encode()).hexdigest()[:16]
+        path = os.path.join(cache_dir, f"shapes-{split}-{n}-{'general' if general else 'clean'}-{views}v-{key}.pt")
+        if os.path.isfile(path):
+            saved = torch.load(path)
+            return saved["pixels"], saved["captions"], saved["groups"]
+    chunk = 500
+    jobs = [(split, a, min(a + chunk, n), views, general, seed) for a in range(0, n, chunk)]
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_render_chunk, jobs))
+    else:
+        parts = [_render_chunk(job) for job in jobs]
+    pixels = torch.from_numpy(np.concatenate([p for p, _ in parts]))
+    captions = [c for _, cs in parts for c in cs]
     group_of: dict[tuple[str, ...], int] = {}
-    groups = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        scene = sample_scene(split, i)
-        pixels[i] = np.asarray(render(scene))
-        captions.extend(pre_caption(c) for c in scene.captions)
-        groups[i] = group_of.setdefault(tuple(sorted(o.colour for o in scene.objects)), len(group_of))
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions, torch.from_numpy(groups)
+    groups = torch.tensor([group_of.setdefault(tuple(sorted(o.colour for o in sample_scene(split, i).objects)),
+                                               len(group_of)) for i in range(n)])
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save({"pixels": pixels, "captions": captions, "groups": groups}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return pixels, captions, groups
 
 
 def hard_partners(anchors: torch.Tensor, groups: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -160,12 +224,20 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def main(args) -> int:
     from tqdm import tqdm
 
-    from ..data.shapes import CAPTIONS_PER_IMAGE, load_shapes
+    from ..data.shapes import load_shapes
     from ..models import openclip as backend
 
+    for key, value in STAGE_DEFAULTS[args.stage].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or DEFAULT_OUT[args.stage]
     n_partners = int(round(args.hard_pairs * args.batch_size))
     if not 0 <= n_partners <= args.batch_size // 2:
         raise ValueError(f"--hard-pairs must be between 0 and 0.5, got {args.hard_pairs}")
+    if args.init and not os.path.isfile(args.init):
+        raise ValueError(f"--init: no checkpoint at {args.init}")
+    if args.views < 1:
+        raise ValueError(f"--views must be at least 1, got {args.views}")
     n_anchors = args.batch_size - n_partners
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,14 +247,20 @@ def main(args) -> int:
 
     open_clip = backend._open_clip()
     model = open_clip.create_model(args.arch, pretrained=None, precision="fp32")
+    if args.init:
+        model.load_state_dict({k: v.float() for k, v in torch.load(args.init, map_location="cpu").items()})
     encoder = backend.load(f"{args.arch}/random")  # only for its preprocessing constants and tokenizer
     mean = torch.tensor(encoder._transform.transforms[-1].mean).view(1, 3, 1, 1)
     std = torch.tensor(encoder._transform.transforms[-1].std).view(1, 3, 1, 1)
 
-    pixels, captions, colour_groups = render_split("train", args.train_images)
-    table = CompactTokenTable(model, encoder.tokenize(captions))
+    general = args.stage == "general"
+    pixels, captions, colour_groups = render_cached("train", args.train_images, args.views, general, args.seed,
+                                                    args.cache_dir, args.workers)
+    per_image = len(captions[0])
+    table = CompactTokenTable(model, encoder.tokenize([c for cs in captions for c in cs]))
     tokens = table.tokens
-    print(f"rendered {len(pixels)} training images, {len(captions)} captions in {time.time() - started:.0f}s")
+    print(f"rendered {len(pixels)} training images x {args.views} views, {len(captions) * per_image} captions "
+          f"in {time.time() - started:.0f}s", flush=True)
 
     steps_per_epoch = len(pixels) // args.batch_size
     total = int(round(args.epochs * steps_per_epoch)) if args.epochs else args.steps
@@ -192,16 +270,17 @@ def main(args) -> int:
     val = load_shapes("val") if args.eval_every else None
 
     order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(total), desc="train-source", disable=not args.progress, mininterval=5)
+    bar = tqdm(range(total), desc=f"train-source {args.stage}", disable=not args.progress, mininterval=5)
     for step in bar:
         if len(order) < n_anchors:
             order = torch.randperm(len(pixels), generator=generator)
         idx, order = order[:n_anchors], order[n_anchors:]
         if n_partners:
             idx = torch.cat([idx, hard_partners(idx[:n_partners], colour_groups, generator)])
-        pick = torch.randint(CAPTIONS_PER_IMAGE, (len(idx),), generator=generator)
-        images = (pixels[idx].float() / 255 - mean) / std
-        texts = tokens[idx * CAPTIONS_PER_IMAGE + pick]
+        view = torch.randint(args.views, (len(idx),), generator=generator)
+        pick = torch.randint(per_image, (len(idx),), generator=generator)
+        images = (pixels[idx, view].permute(0, 3, 1, 2).float() / 255 - mean) / std
+        texts = tokens[idx * per_image + pick]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, args.lr, args.warmup)
         loss = clip_step(model, optimizer, loss_fn, images, texts)
@@ -211,7 +290,8 @@ def main(args) -> int:
             encoder.model = model
             r = evaluate_clean(encoder, val)
             table.swap_in()
-            print(f"step {step + 1}: val i2t R@1 {r['i2t']['r1']:.1f}  t2i R@1 {r['t2i']['r1']:.1f}", flush=True)
+            print(f"step {step + 1}: val i2t R@1 {r['i2t']['r1']:.1f}  t2i R@1 {r['t2i']['r1']:.1f} "
+                  f"({(time.time() - started) / 60:.1f} min)", flush=True)
 
     table.write_back()
     minutes = (time.time() - started) / 60
@@ -220,7 +300,9 @@ def main(args) -> int:
     encoder = backend.load(f"{args.arch}@{args.out}")  # evaluate exactly what was written
     result = evaluate_clean(encoder, load_shapes("test"))
     info = {
-        "arch": args.arch, "config": open_clip.get_model_config(args.arch), "data": f"shapes:train:{args.train_images}",
+        "arch": args.arch, "config": open_clip.get_model_config(args.arch), "stage": args.stage,
+        "init": os.path.basename(args.init) if args.init else None,
+        "data": f"shapes:train:{args.train_images}", "views": args.views, "captions_per_image": per_image,
         "seed": args.seed, "steps": total, "batch_size": args.batch_size, "lr": args.lr,
         "weight_decay": args.weight_decay, "warmup": args.warmup, "hard_pairs": args.hard_pairs,
         "threads": torch.get_num_threads(),
@@ -235,4 +317,3 @@ def main(args) -> int:
         m = result[direction]
         print(f"clean {direction}: R@1 {m['r1']:.2f}  R@5 {m['r5']:.2f}  R@10 {m['r10']:.2f}")
     return 0
-

@@ -19,6 +19,7 @@ def _lazy(module: str, func: str):
 # ``--data NAME[:ARG]`` -> builder(arg, image_root=...). One line per named dataset.
 DATASETS = {
     "shapes": _lazy(".shapes", "load_shapes"),
+    "shapes-5k": _lazy(".shapes", "load_shapes_5k"),
     # composed image retrieval (--direction c2i): the synthetic world, CIRR and FashionIQ
     "shapes-cir": _lazy(".shapes_cir", "load_shapes_cir"),
     "cirr": _lazy(".cirr", "load_cirr"),  # ARG = <root>[:train|:val]

@@ -20,7 +20,11 @@ from PIL import Image, ImageDraw
 
 from .retrieval import RetrievalDataset, from_groups
 
-IMAGE_SIZE = 64
+CANVAS = 64  # scene coordinates (positions, radii) are in pixels of a 64x64 canvas
+# Images are rendered at a photo-like native resolution, 2.5x the models' 64 px input: corruptions and
+# styles act on the native image, as COCO-C corrupts the full photo, and the backbone's own transform
+# resizes it (bicubic) like every other query. Training renders the same way (``train_source``).
+IMAGE_SIZE = 160
 _SCALE = 2  # draw at 2x and box-downsample: cheap anti-aliasing
 CAPTIONS_PER_IMAGE = 5
 
@@ -35,14 +39,17 @@ COLOURS = {
     "pink": (235, 120, 185),
     "brown": (125, 80, 40),
 }
-SIZES = {"small": (4.0, 6.0), "large": (8.5, 11.0)}  # radius range in pixels at 64x64
+SIZES = {"small": (4.0, 6.0), "large": (8.5, 11.0)}  # radius range in canvas pixels
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 RELATIONS = ("left of", "right of", "above", "below")
 COUNT_WORDS = ("one", "two", "three")
 
 # split -> (seed, number of images). The test split has Flickr30K's shape: 1,000 images x 5 captions.
 # ``val`` (same distribution, other seed) is what training monitors, so the test split stays unseen.
-SPLITS = {"train": (20_240_601, 20_000), "val": (20_240_603, 1_000), "test": (20_240_602, 1_000)}
+# ``test5k`` (``--data shapes-5k``) has COCO's 5k test shape and the test seed: its first 1,000 images are the
+# 1k test split.
+SPLITS = {"train": (20_240_601, 20_000), "val": (20_240_603, 1_000), "test": (20_240_602, 1_000),
+          "test5k": (20_240_602, 5_000)}
 
 # Captions = a head about one or two objects, mentioning only some of their attributes, plus a tail naming
 # every other object by colour and shape. Partial heads keep retrieval ambiguous; the tails keep it
@@ -128,14 +135,14 @@ def sample_scene(split: str, index: int) -> Scene:
     background = tuple(int(np.clip(grey + rng.uniform(-12, 12), 0, 255)) for _ in range(3))
     count = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
     cells = rng.choice(9, size=count, replace=False)
-    cell_px = IMAGE_SIZE / 3
+    cell_px = CANVAS / 3
     objects = []
     for cell in cells:
         size = str(rng.choice(tuple(SIZES)))
         radius = float(rng.uniform(*SIZES[size]))
         row, col = divmod(int(cell), 3)
-        x = float(np.clip((col + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, IMAGE_SIZE - radius - 1))
-        y = float(np.clip((row + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, IMAGE_SIZE - radius - 1))
+        x = float(np.clip((col + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
+        y = float(np.clip((row + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
         colour = str(rng.choice(tuple(COLOURS)))
         rgb = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[colour])
         objects.append(Shape(str(rng.choice(SHAPES)), colour, size, int(cell), x, y, radius, rgb))
@@ -224,17 +231,18 @@ def _outline(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene) -> Image.Image:
-    """The 64x64 RGB image of a scene."""
-    big = Image.new("RGB", (IMAGE_SIZE * _SCALE, IMAGE_SIZE * _SCALE), scene.background)
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The ``size`` x ``size`` RGB image of a scene (default: the native resolution)."""
+    big = Image.new("RGB", (size * _SCALE, size * _SCALE), scene.background)
     draw = ImageDraw.Draw(big)
+    scale = size * _SCALE / CANVAS
     for obj in scene.objects:
-        x, y, r = obj.x * _SCALE, obj.y * _SCALE, obj.radius * _SCALE
+        x, y, r = obj.x * scale, obj.y * scale, obj.radius * scale
         if obj.shape == "circle":
             draw.ellipse([x - r, y - r, x + r, y + r], fill=obj.rgb)
         else:
             draw.polygon(_outline(obj.shape, x, y, r), fill=obj.rgb)
-    return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    return big.resize((size, size), Image.Resampling.BOX)
 
 
 def render_index(split: str, index: int) -> Image.Image:
@@ -257,13 +265,24 @@ def parse_arg(arg: str | None) -> tuple[str, int]:
 
 
 def load_shapes(arg: str | None = None, image_root: str | None = None) -> RetrievalDataset:
-    """``--data shapes[:train|:test][:N]``: the first N images of a split, rendered on demand."""
+    """``--data shapes[:train|:val|:test|:test5k][:N]``: the first N images of a split, rendered on demand."""
     split, n = parse_arg(arg)
     scenes = [sample_scene(split, i) for i in range(n)]
     return from_groups(
-        [f"shapes/{split}/{i:06d}.png" for i in range(n)],
+        # the native size is in the (virtual) path, so gallery caches of another rendering are not reused
+        [f"shapes/{split}/{i:06d}@{IMAGE_SIZE}px.png" for i in range(n)],
         [list(s.captions) for s in scenes],
-        name=f"shapes-{split}",
+        name="shapes-5k" if split == "test5k" else f"shapes-{split}",
         source=f"shapes:{split}:{n}",
         image_loader=lambda i: render(scenes[i]),
     )
+
+
+def load_shapes_5k(arg: str | None = None, image_root: str | None = None) -> RetrievalDataset:
+    """``--data shapes-5k[:N]``: the COCO-sized test split (5,000 images x 5 captions; 79 i2t batches of 64).
+
+    Same seed as the 1k test split, so its first 1,000 images and captions are ``--data shapes``.
+    """
+    if arg and not arg.isdigit():
+        raise ValueError(f"shapes-5k takes an optional image count (shapes-5k:N), got {arg!r}")
+    return load_shapes(f"test5k:{arg}" if arg else "test5k", image_root)

@@ -20,6 +20,7 @@ BACKENDS: dict[str, str] = {
 # bare names -> module whose ``load_alias(name, device)`` builds the model (e.g. the shipped shapes model)
 ALIASES: dict[str, str] = {
     "shapes-clip": ".shapes_clip",
+    "shapes-clip-general": ".shapes_clip",
     "shapes-cir": ".composed",  # shapes-clip with its shipped combiner (composed queries, --direction c2i)
 }
 

@@ -6,6 +6,8 @@ Training only ever sees light plain backgrounds, filled shapes and the caption t
 * image styles are pure image operations. Backgrounds in the shapes world are plain, so the background
   colour is the median of the border pixels and the objects are the pixels far from it; that works on
   any rendered image (full split, subset or single item) without knowing its scene.
+  Pixel sizes (contour width, stripe period) are given for a 64 px image and scale with the image, so a
+  style looks the same at the native resolution (160 px) as at the model's input size.
   ``style:outline`` keeps only a 2-pixel contour of each shape, ``style:dark`` puts the shapes on a
   near-black background, ``style:texture`` on random stripes or checks.
 * caption styles rewrite text. ``style:synonyms`` swaps shape, colour, size, position and relation words
@@ -30,6 +32,11 @@ from ..data.shapes import articles, build_templates, parse_caption
 from . import QueryShift
 
 _FOREGROUND = 40.0  # max channel distance from the background that counts as object
+_REFERENCE_SIZE = 64  # the pixel sizes below are for an image of this side
+
+
+def _px(image_side: int, pixels: float) -> float:
+    return pixels * image_side / _REFERENCE_SIZE
 
 
 def _split_background(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,10 +60,17 @@ def _composite(objects: np.ndarray, alpha: np.ndarray, background: np.ndarray) -
     return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8))
 
 
+def _erode(mask: Image.Image, width: int) -> np.ndarray:
+    """Erosion by a (2 width + 1) square, as ``width`` 3x3 erosions (the same result, much faster)."""
+    for _ in range(width):
+        mask = mask.filter(ImageFilter.MinFilter(3))
+    return np.asarray(mask) > 0
+
+
 def outline(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     pixels, background, alpha = _split_background(image)
     mask = Image.fromarray((alpha > 0.5).astype(np.uint8) * 255)
-    inner = np.asarray(mask.filter(ImageFilter.MinFilter(5))) > 0
+    inner = _erode(mask, max(1, round(_px(min(alpha.shape), 2))))  # a 2 px contour at 64 px
     ring = alpha * ~inner  # object minus its erosion, keeping the anti-aliased outer edge
     return _composite(_object_colours(pixels, background, alpha), ring, background)
 
@@ -71,17 +85,32 @@ def texture(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     pixels, background, alpha = _split_background(image)
     h, w = alpha.shape
     yy, xx = np.mgrid[0:h, 0:w]
-    period = int(rng.integers(4, 9))
+    period = max(1, round(_px(min(h, w), int(rng.integers(4, 9)))))
     kind = rng.integers(3)
     if kind == 0:  # diagonal stripes
         pattern = ((xx + yy) // period) % 2
     elif kind == 1:  # checks
         pattern = (xx // period + yy // period) % 2
     else:  # coarse noise
-        pattern = np.kron(rng.random((h // 4 + 1, w // 4 + 1)), np.ones((4, 4)))[:h, :w]
+        cell = max(1, round(_px(min(h, w), 4)))
+        pattern = np.kron(rng.random((h // cell + 1, w // cell + 1)), np.ones((cell, cell)))[:h, :w]
     light, shade = rng.uniform(150, 230, size=3), rng.uniform(60, 140, size=3)
     new_background = light + pattern[..., None] * (shade - light)
     return _composite(_object_colours(pixels, background, alpha), alpha, new_background)
+
+
+def sketch(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Validation style: a pencil sketch on white paper, a dark contour around a pale (washed-out) fill."""
+    pixels, background, alpha = _split_background(image)
+    objects = _object_colours(pixels, background, alpha)
+    paper = np.full(3, rng.uniform(238, 252)) + rng.uniform(-4, 4, size=3)
+    pale = paper + rng.uniform(0.35, 0.55) * (objects - paper)
+    mask = Image.fromarray((alpha > 0.5).astype(np.uint8) * 255)
+    inner = _erode(mask, max(1, round(_px(min(alpha.shape), 1))))
+    ring = alpha * ~inner
+    pencil = np.full(3, rng.uniform(30, 70))
+    filled = _composite(pale, alpha, paper)
+    return _composite(np.broadcast_to(pencil, pixels.shape), ring, np.asarray(filled, dtype=np.float32))
 
 
 # -- caption styles ----------------------------------------------------------------------------
@@ -150,6 +179,18 @@ def templates(caption: str, rng: np.random.Generator) -> str:
     return pre_caption(articles(NEW_TEMPLATES[key].format(**fields)))
 
 
+CHATTY_OPENERS = ("look", "i can see", "here we have", "check this out", "so there is", "well")
+CHATTY_CLOSERS = ("i think", "if i am not mistaken", "as far as i can tell", "right there", "pretty much", "lol")
+
+
+def chatty(caption: str, rng: np.random.Generator) -> str:
+    """Validation caption style: the caption wrapped in conversational filler (an opener and/or a closer)."""
+    kind = int(rng.integers(3))  # opener, closer or both
+    opener = f"{rng.choice(CHATTY_OPENERS)} " if kind != 1 else ""
+    closer = f" {rng.choice(CHATTY_CLOSERS)}" if kind != 0 else ""
+    return opener + caption + closer
+
+
 # -- the QueryShift wrappers -------------------------------------------------------------------
 
 
@@ -181,6 +222,12 @@ _STYLES = {
     "style:synonyms": ("text", synonyms),
     "style:templates": ("text", templates),
 }
-DOMAIN_SHIFTS: dict[str, Callable[[str, int], QueryShift]] = {
-    name: _factory(name, modality, fn) for name, (modality, fn) in _STYLES.items()
+# For choosing hyper-parameters only: in no test table or test suite, and never seen in training.
+VALIDATION_STYLES = {
+    "style:sketch": ("image", sketch),
+    "style:chatty": ("text", chatty),
 }
+DOMAIN_SHIFTS: dict[str, Callable[[str, int], QueryShift]] = {
+    name: _factory(name, modality, fn) for name, (modality, fn) in {**_STYLES, **VALIDATION_STYLES}.items()
+}
+TEST_STYLES = tuple(_STYLES)

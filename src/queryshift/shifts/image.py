@@ -1,4 +1,9 @@
-"""The 16 MM_Robustness image corruptions (COCO-C / Flickr-C, spec §5.1), severities 1-5.
+"""The 16 MM_Robustness image corruptions (COCO-C / Flickr-C, spec §5.1), severities 1-5, and the three
+validation corruptions.
+
+Validation corruptions (``VALIDATION_CORRUPTIONS``: gaussian_blur, spatter, saturate) are ImageNet-C's
+"extra" corruptions, the ones outside the 16 test corruptions, with ImageNet-C's parameters. They are for
+choosing hyper-parameters (learning rate, method options) and appear in no test table or test suite.
 
 Randomness. Every corruption is written here in numpy/OpenCV/SciPy and draws all of its randomness from the
 ``numpy.random.Generator`` it is given, so an image depends only on (seed, query index) and two DataLoader
@@ -65,6 +70,7 @@ IMAGE_CORRUPTIONS = (
     "fog", "frost", "snow",
     "contrast", "brightness", "pixelate", "elastic_transform", "jpeg_compression",
 )
+VALIDATION_CORRUPTIONS = ("gaussian_blur", "spatter", "saturate")
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
@@ -314,18 +320,61 @@ def jpeg_compression(x, s, rng):
         return np.asarray(im.convert("RGB"), dtype=np.float64)[..., ::-1]
 
 
+# -- validation corruptions (ImageNet-C extras) --------------------------------------------------------------
+
+def gaussian_blur(x, s, rng):
+    sigma = (1, 2, 3, 4, 6)[s - 1]
+    return np.clip(_gaussian_rgb(x / 255, sigma), 0, 1) * 255
+
+
+def saturate(x, s, rng):
+    # HSV saturation S -> clip(a S + b); a grey pixel has hue 0 (red), so b > 0 tints greys red, as in skimage
+    a, b = ((.3, 0), (.1, 0), (2, 0), (5, .1), (20, .2))[s - 1]
+    hsv = cv2.cvtColor((x / 255).astype(np.float32), cv2.COLOR_RGB2HSV)  # H in degrees, S and V in [0, 1]
+    hsv[..., 1] = np.clip(hsv[..., 1] * a + b, 0, 1)
+    return np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0, 1) * 255
+
+
+def spatter(x, s, rng):
+    """Water drops (severities 1-3: pale turquoise rims) or mud (4-5: brown blots), as ImageNet-C."""
+    mean, sd, sigma, threshold, strength, mud = (
+        (.65, .3, 4, .69, .6, 0), (.65, .3, 3, .68, .6, 0), (.65, .3, 2, .68, .5, 0),
+        (.65, .3, 1, .65, 1.5, 1), (.67, .4, 1, .65, 1.5, 1))[s - 1]
+    y = (x / 255).astype(np.float32)
+    liquid = gaussian_filter(rng.normal(loc=mean, scale=sd, size=y.shape[:2]), sigma, mode="nearest", truncate=4.0)
+    liquid[liquid < threshold] = 0
+    if not mud:
+        layer = (liquid * 255).astype(np.uint8)
+        # distance to the drops' edges, shaped into a bevelled rim
+        dist = cv2.distanceTransform(255 - cv2.Canny(layer, 50, 150), cv2.DIST_L2, 5)
+        _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
+        dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
+        bevel = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])
+        dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, bevel), (3, 3)).astype(np.float32)
+        m = layer.astype(np.float32) * dist
+        m = m / max(float(m.max()), 1e-12) * strength
+        # ImageNet-C means BGR pale turquoise (175, 238, 238) but adds it to an RGB array: kept as it adds it
+        water = np.float32([175, 238, 238]) / 255
+        return np.clip(y + m[..., None] * water, 0, 1) * 255
+    m = gaussian_filter(np.where(liquid > threshold, 1.0, 0.0), strength, mode="nearest", truncate=4.0)
+    m[m < .8] = 0
+    mud_colour = np.float32([63, 42, 20]) / 255
+    return np.clip(y * (1 - m[..., None]) + mud_colour * m[..., None], 0, 1) * 255
+
+
 def _require_backends() -> None:
     if _MISSING is not None:
         raise ImportError(f"image corruptions need opencv and scipy: pip install 'queryshift[corrupt]' ({_MISSING})")
 
 
-CORRUPTION_FUNCTIONS = {name: globals()[name] for name in IMAGE_CORRUPTIONS}
+CORRUPTION_FUNCTIONS = {name: globals()[name] for name in IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS}
 
 
 def corrupt(image: Image.Image, name: str, severity: int, rng: np.random.Generator) -> Image.Image:
-    """Apply one corruption to a PIL image; returns an RGB image of the same size."""
+    """Apply one corruption (test or validation) to a PIL image; returns an RGB image of the same size."""
     if name not in CORRUPTION_FUNCTIONS:
-        raise ValueError(f"unknown image corruption {name!r}; choose from {', '.join(IMAGE_CORRUPTIONS)}")
+        raise ValueError(f"unknown image corruption {name!r}; choose from "
+                         f"{', '.join(IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS)}")
     if severity not in SEVERITIES:
         raise ValueError(f"{name}: severity must be 1-5, got {severity}")
     _require_backends()

@@ -12,16 +12,21 @@ Spec grammar::
 
 Severities: image corruptions 1-5; character- and word-level text corruptions 1-7; sentence-level 1.
 ``+filter`` turns on MM_Robustness's semantic-similarity redraw (EDA, ip and style shifts).
+
+Validation shifts (``VALIDATION_SHIFTS``): the image corruptions gaussian_blur, spatter and saturate (1-5),
+the image style ``style:sketch`` and the caption style ``style:chatty``. They exist to choose
+hyper-parameters on; no test table or test suite uses them (``is_validation`` tells them apart).
 """
 
 from __future__ import annotations
 
 from . import QueryShift
-from .image import IMAGE_CORRUPTIONS, ImageCorruption
+from .image import IMAGE_CORRUPTIONS, VALIDATION_CORRUPTIONS, ImageCorruption
 from .streams import DEFAULT_BLOCK, DEFAULT_DIVERSE, DEFAULT_TEMPORAL, DiverseStream, TemporalStream
 from .text import SENTENCE_CORRUPTIONS, TEXT_CORRUPTIONS, TextCorruption
 
-__all__ = ["IMAGE_CORRUPTIONS", "TEXT_CORRUPTIONS", "ALIASES", "build_shift", "list_shifts"]
+__all__ = ["IMAGE_CORRUPTIONS", "TEXT_CORRUPTIONS", "VALIDATION_SHIFTS", "ALIASES", "build_shift", "list_shifts",
+           "is_validation"]
 
 MODALITIES = ("image", "text")
 STREAMS = ("stream:temporal", "stream:diverse")
@@ -32,6 +37,24 @@ ALIASES = {
     "synonym_replacement": "sr", "random_insertion": "ri", "random_swap": "rs", "random_deletion": "rd",
     "insert_punctuation": "ip", "back_translation": "back_trans", "backtrans": "back_trans",
 }
+
+VALIDATION_STYLE_NAMES = ("style:sketch", "style:chatty")
+# the bare names; corruptions take a severity (gaussian_blur:5)
+VALIDATION_SHIFTS = {"image": VALIDATION_CORRUPTIONS + ("style:sketch",), "text": ("style:chatty",)}
+
+
+def is_validation(spec: str | None) -> bool:
+    """Whether a shift spec is (or, for a stream, contains) a validation shift."""
+    if not spec:
+        return False
+    spec = spec.strip()
+    if spec.startswith("stream:"):
+        _, has_list, members = spec.partition("=")
+        return bool(has_list) and any(is_validation(m) for m in members.split(","))
+    spec = spec.removesuffix("+filter")
+    if spec in VALIDATION_STYLE_NAMES or f"style:{spec}" in VALIDATION_STYLE_NAMES:
+        return True
+    return spec.partition(":")[0] in VALIDATION_CORRUPTIONS
 
 
 def _domain_shifts() -> tuple[dict, str | None]:
@@ -46,7 +69,7 @@ def _domain_shifts() -> tuple[dict, str | None]:
 def list_shifts(modality: str) -> list[str]:
     """Every shift name valid for queries of ``modality`` (severities: see the module docstring)."""
     _check_modality(modality)
-    names = list(IMAGE_CORRUPTIONS if modality == "image" else TEXT_CORRUPTIONS)
+    names = list(IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS if modality == "image" else TEXT_CORRUPTIONS)
     domains, _ = _domain_shifts()
     return names + [d for d in domains if _fits(domains[d], modality)] + list(STREAMS)
 
@@ -90,11 +113,12 @@ def build_shift(spec: str, modality: str, seed: int = 0, semantic_filter: bool =
         spec, semantic_filter = spec.removesuffix("+filter"), True
     name, _, level_text = spec.partition(":")
     name = ALIASES.get(name, name)
-    if name not in IMAGE_CORRUPTIONS and name not in TEXT_CORRUPTIONS:
+    image_names = IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS
+    if name not in image_names and name not in TEXT_CORRUPTIONS:
         hint = f" (domain styles unavailable: {domain_error})" if domain_error and ":" in spec else ""
         raise ValueError(f"unknown shift {spec!r}{hint}. Valid {modality} shifts: "
                          + ", ".join(list_shifts(modality)) + "; aliases: " + ", ".join(ALIASES))
-    shift_modality = "image" if name in IMAGE_CORRUPTIONS else "text"
+    shift_modality = "image" if name in image_names else "text"
     if shift_modality != modality:
         raise _wrong_modality(name, shift_modality, modality)
     if not level_text:
