@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from queryshift.data import ComposedDataset, DataError, load_dataset
-from queryshift.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES
+from queryshift.data.shapes import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES
 from queryshift.data.shapes_cir import build_world, load_shapes_cir
 
 _C = "|".join(COLOURS)
@@ -127,7 +127,7 @@ def test_renderings_of_one_state_differ_in_pixels_only():
         seen.setdefault(s, []).append(i)
     i, j = next(v for v in seen.values() if len(v) > 1)[:2]
     a, b = np.asarray(world.image(i), dtype=float), np.asarray(world.image(j), dtype=float)
-    assert a.shape == (64, 64, 3)
+    assert a.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     assert np.abs(a - b).mean() > 1  # a different background tint and jitter
     assert [o.shape for o in world.scene(i).objects] == [o.shape for o in world.scene(j).objects]
 
