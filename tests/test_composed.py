@@ -203,7 +203,8 @@ def test_rendered_reference_is_preprocessed_like_a_gallery_image(tiny):
     _, _, (image, text) = items[0]
     assert torch.equal(image, tiny.preprocess(data.load_image(data.references[1])))
     assert text == data.texts[1]
-    assert isinstance(data.load_reference(1), Image.Image) and np.asarray(data.load_reference(1)).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    reference = data.load_reference(1)
+    assert isinstance(reference, Image.Image) and np.asarray(reference).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
 def test_hf_clip_composed_queries_flatten_their_token_dicts(tmp_path):
