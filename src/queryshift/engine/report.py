@@ -12,9 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import shifts
-from ..metrics import batch_ranks, retrieval_metrics
+from ..metrics import retrieval_metrics
 from ..runinfo import git_commit, versions
 from .config import RESULT_KEYS, RunConfig
+from .ranking import rank_scores
 from .stream import QueryItems, loader, query_order, stream_batches
 
 
@@ -62,8 +63,8 @@ def clean_forgetting(retriever, dataset, relevance, cfg: RunConfig) -> dict[str,
                                   desc="clean queries after adaptation", disable=not cfg.progress, leave=False):
         x = retriever.model_input(batch)
         rel = [relevance[i] for i in indices]
-        after += batch_ranks(retriever.scores(x), rel)[0]
-        source += batch_ranks(retriever.scores(x, source=True), rel)[0]
+        after += rank_scores(retriever.scores(x), rel)[0]
+        source += rank_scores(retriever.scores(x, source=True), rel)[0]
     r_after, r_source = retrieval_metrics(after), retrieval_metrics(source)
     return {"r1_after": r_after["r1"], "r1_source": r_source["r1"],
             "forgetting": round(r_after["r1"] - r_source["r1"], 2)}

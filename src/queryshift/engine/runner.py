@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from .. import shifts
 from ..data import load_dataset
-from ..metrics import batch_ranks
 from .config import RunConfig
 from .gallery import encode_gallery, load_source, weights_digest
+from .ranking import rank_scores
 from .report import clean_forgetting, format_table, json_safe, summarise
 from .retriever import Retriever
 from .rundir import RunDir
@@ -60,7 +60,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         for b, (positions, indices, batch) in enumerate(loader(items, batches[done:], cfg.num_workers), start=done):
             t0 = time.time()
             scores, info = retriever.adapt(retriever.model_input(batch))
-            ranks, aps = batch_ranks(scores, [relevance[i] for i in indices])
+            ranks, aps = rank_scores(scores, [relevance[i] for i in indices])
             row = {"batch": b, "n": len(indices), "seconds": round(time.time() - t0, 4),
                    **{k: json_safe(v) for k, v in info.items()},
                    "queries": indices, "ranks": ranks, "aps": aps,
