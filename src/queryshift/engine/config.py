@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import methods
+from .gallery_index import parse_spec as parse_index_spec
 
 RESULT_KEYS = ("r1", "r5", "r10", "r_mean", "map")
 
 # Fields that may differ between an interrupted run and its resumption (or a reused finished run).
-RESUME_FREE = frozenset({"out", "resume", "overwrite", "num_workers", "progress", "cache_dir", "device"})
+RESUME_FREE = frozenset({"out", "resume", "overwrite", "num_workers", "progress", "cache_dir", "device",
+                         "gallery_index"})
 
 
 @dataclass
@@ -47,12 +49,14 @@ class RunConfig:
     max_words: int = 30
     gallery_batch_size: int = 256
     progress: bool = True
+    gallery_index: str = "exact"  # candidate search: exact | faiss-flat | faiss-hnsw | faiss-ivf[:key=value,...]
 
     def __post_init__(self):
         if self.direction not in ("i2t", "t2i"):
             raise ValueError(f"direction must be 'i2t' or 't2i', got {self.direction!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        parse_index_spec(self.gallery_index)  # a clear error for an unknown index kind or parameter
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:

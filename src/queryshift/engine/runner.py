@@ -17,11 +17,24 @@ from .. import shifts
 from ..data import load_dataset
 from .config import RunConfig
 from .gallery import encode_gallery, load_source, weights_digest
+from .gallery_index import ExactIndex, build_index, recall_at_k
 from .ranking import rank_scores
 from .report import clean_forgetting, format_table, json_safe, summarise
 from .retriever import Retriever
 from .rundir import RunDir
 from .stream import QueryItems, loader, query_order, skip_bad_images, stream_batches
+
+
+@torch.no_grad()
+def index_recall(retriever: Retriever, batch) -> dict[str, float]:
+    """With an approximate index: recall@10 of its top-10 against exact search, for this batch's queries
+    under the parameters after the update (one extra forward of the query tower, without gradient)."""
+    if retriever.index is None:
+        return {}
+    q = retriever.method.encode(retriever.model_input(batch))
+    k = min(10, retriever.gallery.shape[0])
+    exact = ExactIndex(retriever.gallery).search(q, k)[1]
+    return {"index_recall_at_10": recall_at_k(retriever.index.search(q, k)[1], exact)}
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -41,7 +54,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     gallery_modality = "text" if modality == "image" else "image"
     gallery = encode_gallery(model, dataset, gallery_modality, cfg, weights).to(cfg.device)
 
-    retriever = Retriever(model, gallery, modality, cfg.method, cfg.adapt_config(), cfg.device)
+    index = build_index(cfg.gallery_index, gallery) if cfg.gallery_index != "exact" else None
+    retriever = Retriever(model, gallery, modality, cfg.method, cfg.adapt_config(), cfg.device, index)
     shift = shifts.build(cfg.shift, modality, cfg.seed)
     order = query_order(n_queries, cfg.seed, cfg.shuffle, cfg.max_queries)
     batches = stream_batches(len(order), cfg.batch_size)
@@ -64,6 +78,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             row = {"batch": b, "n": len(indices), "seconds": round(time.time() - t0, 4),
                    **{k: json_safe(v) for k, v in info.items()},
                    "queries": indices, "ranks": ranks, "aps": aps,
+                   **index_recall(retriever, batch),
                    "segments": [shift.segment(p, len(order)) for p in positions]}
             rows.append(row)
             if rundir:
@@ -79,6 +94,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     result = summarise(cfg, rows, dataset, shift, bad_items)
     result["model_weights"] = weights
+    if index is not None:
+        recalls = [row["index_recall_at_10"] for row in rows if "index_recall_at_10" in row]
+        result["gallery_index"] = {"index": cfg.gallery_index, "build_seconds": round(index.build_seconds, 2),
+                                   "recall_at_10": float(np.mean(recalls)) if recalls else None}
     if cfg.eval_clean_after:
         result["forgetting"] = clean_forgetting(retriever, dataset, relevance, cfg)
     result["seconds"] = round(time.time() - t_start, 2)
