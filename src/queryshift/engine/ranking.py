@@ -44,14 +44,27 @@ def chunk_size(batch: int, m: int, chunk: int | None = None) -> int:
     return max(1024, BLOCK_ELEMENTS // max(1, batch * m))
 
 
-def count_ahead(block: torch.Tensor, start: int, rel_scores: torch.Tensor, rel_idx: torch.Tensor) -> torch.Tensor:
-    """Per (row, relevant item): how many columns of ``block`` (gallery columns ``start..``) come before it."""
-    b = block.unsqueeze(1)  # B x 1 x C
-    s = rel_scores.unsqueeze(2)  # B x M x 1
-    cols = torch.arange(start, start + block.shape[1], device=block.device)
-    before = cols.view(1, 1, -1) < rel_idx.unsqueeze(2)  # B x M x C: earlier gallery position
-    ahead = (b > s) | ((b == s) & before)
-    return ahead.sum(dim=2)
+def thresholds(rel_scores: torch.Tensor, rel_idx: torch.Tensor, stop: int) -> torch.Tensor:
+    """Per (row, relevant item), the score a column of a chunk ending at ``stop`` must exceed to be ahead.
+
+    A chunk wholly before the item (``stop <= j``): ``s_k >= s_j`` (ties go first), i.e. ``s_k`` greater than
+    the next float below ``s_j``; any other chunk: ``s_k > s_j``. One comparison per element either way;
+    ties inside the item's own chunk are added by :func:`own_chunk_ties`.
+    """
+    below = torch.nextafter(rel_scores, torch.full_like(rel_scores, -torch.inf))
+    return torch.where(rel_idx >= stop, below, rel_scores)
+
+
+def count_above(block: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """B x M counts of the columns of ``block`` (B x C) above each row's thresholds ``thr`` (B x M)."""
+    return (block.unsqueeze(1) > thr.unsqueeze(2)).sum(dim=2, dtype=torch.int32)
+
+
+def own_chunk_ties(window: torch.Tensor, rel_scores: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Ties ahead of each relevant item in its own chunk: columns ``< offset`` of ``window`` (B x M x C, the
+    item's chunk from its start) scoring exactly the item's score."""
+    cols = torch.arange(window.shape[2], device=window.device).view(1, 1, -1)
+    return ((window == rel_scores.unsqueeze(2)) & (cols < offset.unsqueeze(2))).sum(dim=2, dtype=torch.int32)
 
 
 def _positions_to_metrics(positions: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -80,10 +93,17 @@ def rank_scores(scores: torch.Tensor, relevant: Sequence[Sequence[int]],
     n = scores.shape[1]
     rel_idx, mask = pad_relevant(relevant, scores.device, n)
     rel_scores = scores.gather(1, rel_idx)
-    step = chunk_size(*rel_idx.shape, chunk)
-    positions = torch.zeros_like(rel_idx)
+    b, m = rel_idx.shape
+    step = chunk_size(b, m, chunk)
+    positions = torch.zeros(b, m, dtype=torch.int32, device=scores.device)
     for start in range(0, n, step):
-        positions += count_ahead(scores[:, start:start + step], start, rel_scores, rel_idx)
+        stop = min(start + step, n)
+        positions += count_above(scores[:, start:stop], thresholds(rel_scores, rel_idx, stop))
+    # ties in each item's own chunk, before it: gathered once for all rows (no per-chunk sync)
+    own_start = rel_idx - rel_idx % step
+    cols = (own_start.unsqueeze(2) + torch.arange(step, device=scores.device)).clamp(max=n - 1)
+    window = scores.gather(1, cols.view(b, -1)).view(b, m, step)
+    positions += own_chunk_ties(window, rel_scores, rel_idx - own_start)
     return _positions_to_metrics(positions, mask)
 
 
@@ -102,14 +122,20 @@ def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, relevant: Sequenc
     rel_idx, mask = pad_relevant(relevant, device, n)
     rel_rows = gallery[rel_idx.cpu() if gallery.device.type == "cpu" else rel_idx].to(device, dtype)  # B x M x d
     rel_scores = (rel_rows @ queries.unsqueeze(2)).squeeze(2)  # B x M
-    step = chunk_size(*rel_idx.shape, chunk)
-    positions = torch.zeros_like(rel_idx)
+    b, m = rel_idx.shape
+    step = chunk_size(b, m, chunk)
+    positions = torch.zeros(b, m, dtype=torch.int32, device=device)
     for start in range(0, n, step):
-        block = queries @ gallery[start:start + step].to(device, dtype).T
-        ahead = count_ahead(block, start, rel_scores, rel_idx)
-        own = (rel_idx >= start) & (rel_idx < start + block.shape[1])  # the item itself is in this chunk
-        own_score = block.gather(1, (rel_idx - start).clamp(0, block.shape[1] - 1))
-        # undo the self-comparison: it counted iff its chunk score beat the once-computed one
-        ahead -= (own & (own_score > rel_scores)).long()
-        positions += ahead
+        stop = min(start + step, n)
+        block = queries @ gallery[start:stop].to(device, dtype).T
+        positions += count_above(block, thresholds(rel_scores, rel_idx, stop))
+        own = (rel_idx >= start) & (rel_idx < stop)  # items whose own chunk this is
+        own_score = block.gather(1, (rel_idx - start).clamp(0, stop - start - 1))
+        # the item itself counted iff this chunk's matmul rounded its score above the once-computed one
+        positions -= (own & (own_score > rel_scores)).int()
+        rows = own.any(dim=1).nonzero().squeeze(1)  # few rows: only those with an item in this chunk
+        if rows.numel():
+            window = block[rows].unsqueeze(1).expand(-1, m, -1)
+            ties = own_chunk_ties(window, rel_scores[rows], rel_idx[rows] - start)
+            positions[rows] += torch.where(own[rows], ties, torch.zeros_like(ties))
     return _positions_to_metrics(positions, mask)
