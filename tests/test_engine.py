@@ -158,10 +158,12 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_gallery_cache_is_reused(karpathy, tmp_path):
     cfg = _cfg(karpathy, tmp_path, direction="i2t")
     first = run(cfg)
-    files = list((tmp_path / "cache" / "gallery").glob("*.pt"))
+    files = list((tmp_path / "cache" / "gallery").glob("*/manifest.json"))
     assert len(files) == 1
+    manifest = json.loads(files[0].read_text())
+    assert manifest["complete"] and manifest["dtype"] == "float16" and manifest["rows"] == 16  # 8 x 2 captions
     assert run(cfg)["r1"] == first["r1"]
-    assert list((tmp_path / "cache" / "gallery").glob("*.pt")) == files
+    assert list((tmp_path / "cache" / "gallery").glob("*/manifest.json")) == files
 
 
 def test_forgetting_is_reported(karpathy, tmp_path, entropy_method):

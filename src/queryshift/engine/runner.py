@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import shifts
+from .. import distributed, shifts
 from ..data import load_dataset
 from .config import RunConfig
 from .gallery import encode_gallery, load_source, weights_digest
@@ -23,6 +23,9 @@ from .report import clean_forgetting, format_table, json_safe, summarise
 from .retriever import Retriever
 from .rundir import RunDir
 from .stream import QueryItems, loader, query_order, skip_bad_images, stream_batches
+
+# methods that re-encode a subset of the local batch chosen by a mask over the global batch
+SHARD_UNSAFE = frozenset({"sar", "deyo"})
 
 
 @torch.no_grad()
@@ -37,10 +40,37 @@ def index_recall(retriever: Retriever, batch) -> dict[str, float]:
     return {"index_recall_at_10": recall_at_k(retriever.index.search(q, k)[1], exact)}
 
 
+def check_distributed(cfg: RunConfig, n_stream: int) -> None:
+    """Settings a data-parallel run cannot honour, refused before any work."""
+    world = distributed.world_size()
+    if world == 1:
+        return
+    if cfg.method in SHARD_UNSAFE:
+        raise ValueError(f"method {cfg.method!r} re-encodes a selection of the batch and does not support "
+                         f"data-parallel runs yet; run it in one process")
+    if cfg.eval_clean_after:
+        raise ValueError("--eval-clean-after is not supported with several processes yet; run it in one process")
+    smallest = n_stream % cfg.batch_size or cfg.batch_size
+    if min(cfg.batch_size, smallest) < world:
+        raise ValueError(f"a batch of {min(cfg.batch_size, smallest)} queries cannot be split over {world} "
+                         f"processes; use a batch size (and a query count) with at least one query per process")
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
-    """Run one online adaptation stream; returns (and, with ``cfg.out``, writes) the result dict."""
+    """Run one online adaptation stream; returns (and, with ``cfg.out``, writes) the result dict.
+
+    Under ``torchrun`` (several processes) every rank adapts on its shard of each batch and holds the same
+    parameters (:mod:`queryshift.distributed`); rank 0 ranks, logs, checkpoints and returns the result,
+    the other ranks return ``{"rank": r}``.
+    """
     t_start = time.time()
-    rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite) if cfg.out else None
+    device = distributed.init_from_env(cfg.device)
+    if device != cfg.device:
+        cfg = dataclasses.replace(cfg, device=device)
+    main_rank = distributed.is_main()
+    if not main_rank:
+        cfg = dataclasses.replace(cfg, progress=False)
+    rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite) if cfg.out and main_rank else None
 
     torch.manual_seed(cfg.seed)  # runs are reproducible; load_source reseeds for the model itself
     np.random.seed(cfg.seed)
@@ -52,33 +82,44 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     weights = weights_digest(model)  # before any adaptation: which source weights this run started from
     modality, n_queries, relevance = dataset.query_items(cfg.direction)
     gallery_modality = "text" if modality == "image" else "image"
+    if not main_rank:
+        distributed.barrier()  # rank 0 encodes (and caches) the gallery first; the others then read the cache
     gallery = encode_gallery(model, dataset, gallery_modality, cfg, weights).to(cfg.device)
+    if main_rank:
+        distributed.barrier()
 
     index = build_index(cfg.gallery_index, gallery) if cfg.gallery_index != "exact" else None
     retriever = Retriever(model, gallery, modality, cfg.method, cfg.adapt_config(), cfg.device, index)
     shift = shifts.build(cfg.shift, modality, cfg.seed)
     order = query_order(n_queries, cfg.seed, cfg.shuffle, cfg.max_queries)
     batches = stream_batches(len(order), cfg.batch_size)
+    check_distributed(cfg, len(order))
 
     rows: list[dict] = []
+    state = None
     if rundir:
         state, rows = rundir.restore(cfg, weights)
-        if state is not None:
-            retriever.load_state_dict(state)
-    done = len(rows)
+    state, done = distributed.broadcast_object((state, len(rows)))
+    if state is not None:
+        retriever.load_state_dict(state)
 
     items = QueryItems(dataset, modality, order, shift, cfg.seed, model, cfg.max_words)
+    local_batches = [distributed.shard(b) for b in batches]  # one process: the batches themselves
     progress = tqdm(total=len(batches), initial=done, desc=f"{cfg.method} {cfg.direction} {shift.name}",
-                    disable=not cfg.progress)
+                    disable=not (cfg.progress and main_rank))
     try:
-        for b, (positions, indices, batch) in enumerate(loader(items, batches[done:], cfg.num_workers), start=done):
+        for b, (_, _, batch) in enumerate(loader(items, local_batches[done:], cfg.num_workers), start=done):
             t0 = time.time()
-            scores, info = retriever.adapt(retriever.model_input(batch))
+            scores, info = retriever.adapt(retriever.model_input(batch))  # scores of the global batch
+            recall = index_recall(retriever, batch)  # every rank: its forward joins the global batch
+            if not main_rank:
+                continue
+            positions = batches[b]
+            indices = [order[p] for p in positions]
             ranks, aps = rank_scores(scores, [relevance[i] for i in indices])
             row = {"batch": b, "n": len(indices), "seconds": round(time.time() - t0, 4),
                    **{k: json_safe(v) for k, v in info.items()},
-                   "queries": indices, "ranks": ranks, "aps": aps,
-                   **index_recall(retriever, batch),
+                   "queries": indices, "ranks": ranks, "aps": aps, **recall,
                    "segments": [shift.segment(p, len(order)) for p in positions]}
             rows.append(row)
             if rundir:
@@ -92,8 +133,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if rundir:
             rundir.close()
 
+    distributed.check_identical(retriever.method.params)  # every rank must end with the same parameters
+    if not main_rank:
+        return {"rank": distributed.rank()}
     result = summarise(cfg, rows, dataset, shift, bad_items)
     result["model_weights"] = weights
+    if distributed.active():
+        result["world_size"] = distributed.world_size()
     if index is not None:
         recalls = [row["index_recall_at_10"] for row in rows if "index_recall_at_10" in row]
         result["gallery_index"] = {"index": cfg.gallery_index, "build_seconds": round(index.build_seconds, 2),

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import distributed
 from ..models.base import DualEncoder
 
 
@@ -121,7 +122,9 @@ class Method:
     # -- shared helpers ----------------------------------------------------------------------------
 
     def encode(self, query_batch: Any) -> torch.Tensor:
-        return self.model.encode(self.modality, query_batch)
+        """Query embeddings of the batch; under data-parallel adaptation, of the global batch (all ranks' shards,
+        gradient flowing back to this rank's)."""
+        return distributed.all_gather_with_grad(self.model.encode(self.modality, query_batch))
 
     @torch.no_grad()
     def encode_with_source(self, query_batch: Any) -> torch.Tensor:
@@ -149,6 +152,7 @@ class Method:
             return False
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.params)  # identity in one process
         if not all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None):
             if self.config.on_nonfinite == "raise":
                 raise NonFiniteLossError(f"{self.name}: non-finite gradient at batch {self.batch_index}")

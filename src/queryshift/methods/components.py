@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
+
 # -- entropy and selection --------------------------------------------------------------------------
 
 
@@ -264,7 +266,8 @@ def decouple_gradients(
 def grads_of(loss: torch.Tensor, params: Sequence[torch.Tensor], retain_graph: bool = False):
     """``d loss / d params`` as a list with zeros for parameters the loss does not reach."""
     gs = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+    # data-parallel: each rank holds its shard's share of the gradient; the global one is their sum
+    return distributed.average_tensors([torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)])
 
 
 def surrogate_loss(value: torch.Tensor, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]):
