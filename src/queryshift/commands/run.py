@@ -49,6 +49,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", dest="cache_dir", help="gallery embedding cache (default ~/.cache/queryshift)")
     g.add_argument("--num-workers", dest="num_workers", type=int, help="image loading workers (default 0)")
     g.add_argument("--device", help="torch device (default cpu)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="query tower forward in mixed precision (autocast; loss and statistics stay fp32); "
+                        "default fp32")
     g.add_argument("--gallery-index", dest="gallery_index", metavar="KIND[:K=V,...]",
                    help="candidate search for top-k answers: exact (default, chunked matmul), faiss-flat, faiss-hnsw "
                         "or faiss-ivf (needs faiss-cpu/faiss-gpu), e.g. faiss-ivf:nprobe=64; metrics stay exact and "

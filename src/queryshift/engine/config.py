@@ -49,6 +49,7 @@ class RunConfig:
     max_words: int = 30
     gallery_batch_size: int = 256
     progress: bool = True
+    precision: str = "fp32"  # query tower forward: fp32, bf16 or fp16 (autocast; loss and statistics in fp32)
     gallery_index: str = "exact"  # candidate search: exact | faiss-flat | faiss-hnsw | faiss-ivf[:key=value,...]
 
     def __post_init__(self):
@@ -56,6 +57,8 @@ class RunConfig:
             raise ValueError(f"direction must be 'i2t' or 't2i', got {self.direction!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         parse_index_spec(self.gallery_index)  # a clear error for an unknown index kind or parameter
 
     @classmethod
@@ -75,7 +78,7 @@ class RunConfig:
         return methods.AdaptConfig(
             steps=self.steps, record=self.record, optimizer=self.optimizer, lr=self.resolved_lr(),
             weight_decay=self.weight_decay, include_final_ln=self.include_final_ln,
-            on_nonfinite=self.on_nonfinite, hparams=dict(self.hparams),
+            on_nonfinite=self.on_nonfinite, hparams=dict(self.hparams), precision=self.precision,
         )
 
 

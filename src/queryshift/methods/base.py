@@ -24,6 +24,10 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+# --precision -> autocast dtype of the query tower's forward (None: plain fp32)
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class AdaptConfig:
     """Protocol settings shared by all methods (spec §1.4, §1.8). Defaults follow the TCR code."""
@@ -37,12 +41,15 @@ class AdaptConfig:
     include_final_ln: bool = False  # CLIP text: also adapt ln_final (excluded by the TCR code)
     on_nonfinite: str = "skip"  # a NaN/inf loss: "skip" the update (logged) or "raise"
     hparams: dict[str, Any] = field(default_factory=dict)  # method-specific overrides of ``defaults``
+    precision: str = "fp32"  # the query tower's forward: "fp32", or autocast to "bf16" / "fp16"
 
     def __post_init__(self):
         if self.record not in ("first", "last"):
             raise ValueError(f"record must be 'first' or 'last', got {self.record!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.precision not in AUTOCAST:
+            raise ValueError(f"precision must be one of {', '.join(AUTOCAST)}, got {self.precision!r}")
         if self.on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {self.on_nonfinite!r}")
 
@@ -124,7 +131,15 @@ class Method:
     def encode(self, query_batch: Any) -> torch.Tensor:
         """Query embeddings of the batch; under data-parallel adaptation, of the global batch (all ranks' shards,
         gradient flowing back to this rank's)."""
-        return distributed.all_gather_with_grad(self.model.encode(self.modality, query_batch))
+        dtype = AUTOCAST[self.config.precision]
+        if dtype is None:
+            q = self.model.encode(self.modality, query_batch)
+        else:  # mixed precision in the tower; embeddings, losses and statistics in fp32
+            device = next(self.model.parameters()).device.type
+            with torch.autocast(device_type=device, dtype=dtype):
+                q = self.model.encode(self.modality, query_batch)
+            q = q.float()
+        return distributed.all_gather_with_grad(q)
 
     @torch.no_grad()
     def encode_with_source(self, query_batch: Any) -> torch.Tensor:

@@ -212,12 +212,20 @@ def consistency_loss(cons: torch.Tensor, target: float, mask: torch.Tensor) -> t
 
 
 def kl_to_source(logits_source: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor):
-    """``mean_{i in mask} KL(p_source,i || p_theta,i)`` over the same candidates; None for an empty mask."""
+    """``mean_{i in mask} KL(p_source,i || p_theta,i)`` over the same candidates; None for an empty mask.
+
+    Written as ``lse(z) - lse(z_s) - sum_j p_s,j (z_j - z_s,j)`` (the same value) so that its gradient is
+    exactly ``softmax(z) - p_s`` with ``p_s = exp(z_s - lse(z_s))``, the very expression autograd uses for
+    softmax(z): at the source parameters (z == z_s) the gradient is exactly zero instead of rounding noise,
+    whose random direction the gradient decoupling would otherwise project on.
+    """
     if not bool(mask.any()):
         return None
-    logp_s = logits_source[mask].detach().log_softmax(-1)
-    logp = logits[mask].log_softmax(-1)
-    return (logp_s.exp() * (logp_s - logp)).sum(-1).mean()
+    z_s, z = logits_source[mask].detach(), logits[mask]
+    lse_s = torch.logsumexp(z_s, dim=-1, keepdim=True)
+    p_s = (z_s - lse_s).exp()
+    kl = torch.logsumexp(z, dim=-1) - lse_s.squeeze(-1) - (p_s * (z - z_s)).sum(-1)
+    return kl.mean()
 
 
 # -- gradient decoupling ---------------------------------------------------------------------------
