@@ -47,7 +47,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="after the stream, measure forgetting on clean queries")
     g.add_argument("--max-words", dest="max_words", type=int, help="caption truncation (default 30)")
     g.add_argument("--cache-dir", dest="cache_dir", help="gallery embedding cache (default ~/.cache/queryshift)")
-    g.add_argument("--num-workers", dest="num_workers", type=int, help="image loading workers (default 0)")
+    g.add_argument("--num-workers", dest="num_workers", type=int,
+                   help="image loading worker processes (default: min(4, cores - 1) for image streams of 8+ batches, "
+                        "else 0)")
     g.add_argument("--device", help="torch device (default cpu)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="query tower forward in mixed precision (autocast; loss and statistics stay fp32); "

@@ -40,7 +40,7 @@ class RunConfig:
     resume: bool = False
     overwrite: bool = False
     cache_dir: str | None = None
-    num_workers: int = 0
+    num_workers: int | None = None  # None: chosen per stream (engine.stream.auto_workers)
     device: str = "cpu"
     max_queries: int | None = None
     shuffle: bool = True

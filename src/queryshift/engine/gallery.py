@@ -38,7 +38,7 @@ def source_weights(spec: str, seed: int, device: str = "cpu") -> str:
 
 @torch.no_grad()
 def encode_all(model: DualEncoder, dataset: RetrievalDataset, modality: str, batch_size: int = 256,
-               max_words: int = 30, num_workers: int = 0, device: str = "cpu", progress: bool = False,
+               max_words: int = 30, num_workers: int | None = 0, device: str = "cpu", progress: bool = False,
                indices: list[int] | None = None):
     """Clean images or texts of ``dataset`` (all, or ``indices``) through ``model`` in order (no cache, no shift)."""
     if indices is None:

@@ -168,7 +168,9 @@ class Method:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(self.params)  # identity in one process
-        if not all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        # one stacked check, read once (not one device sync per parameter tensor)
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             if self.config.on_nonfinite == "raise":
                 raise NonFiniteLossError(f"{self.name}: non-finite gradient at batch {self.batch_index}")
             info["skipped"] = "nonfinite-grad"

@@ -131,6 +131,7 @@ class SourceLikeQueue:
     def __init__(self, size: int = 64, frac: float = 0.3, warmup: int = 10):
         self.size, self.frac, self.warmup = int(size), float(frac), int(warmup)
         self.indicator = self.q = self.g = self.entropy = self.consistency = None
+        self._stats = None  # (max entropy, gap, mean consistency) as floats, computed once per change
 
     def __len__(self) -> int:
         return 0 if self.indicator is None else int(self.indicator.numel())
@@ -153,7 +154,18 @@ class SourceLikeQueue:
             new = tuple(torch.cat([a, b]) for a, b in zip(old, new))
         keep = torch.argsort(new[0], stable=True)[: self.size]
         self.indicator, self.q, self.g, self.entropy, self.consistency = (t[keep] for t in new)
+        self._stats = None
         return n
+
+    def _statistics(self) -> tuple[float, float, float] | None:
+        """The three statistics read from the device in one transfer, then cached until the next push (once
+        the queue is frozen, never again)."""
+        if not len(self):
+            return None
+        if getattr(self, "_stats", None) is None:
+            self._stats = tuple(torch.stack([self.entropy.max(), modality_gap(self.q, self.g),
+                                             self.consistency.mean()]).tolist())
+        return self._stats
 
     def update(self, q, g, entropy, batch_index: int, step: int) -> int:
         """:meth:`push` if the queue still accepts samples at this batch/step, else nothing."""
@@ -161,15 +173,18 @@ class SourceLikeQueue:
 
     @property
     def max_entropy(self) -> float | None:
-        return None if not len(self) else float(self.entropy.max())
+        stats = self._statistics()
+        return None if stats is None else stats[0]
 
     @property
     def gap(self) -> float | None:
-        return None if not len(self) else float(modality_gap(self.q, self.g))
+        stats = self._statistics()
+        return None if stats is None else stats[1]
 
     @property
     def mean_consistency(self) -> float | None:
-        return None if not len(self) else float(self.consistency.mean())
+        stats = self._statistics()
+        return None if stats is None else stats[2]
 
 
 # -- QS-robust loss terms --------------------------------------------------------------------------
@@ -252,9 +267,9 @@ def decouple_gradients(
     if mode not in ("tensor", "global", "off"):
         raise ValueError(f"unknown decoupling mode {mode!r}; expected 'tensor', 'global' or 'off'")
     ga, gk = list(g_adapt), list(g_know)
-    dots = [float((a * b).sum()) for a, b in zip(ga, gk)]
-    na2 = [float((a * a).sum()) for a in ga]
-    nk2 = [float((b * b).sum()) for b in gk]
+    # per-tensor inner products and squared norms computed on the device and read in one transfer
+    sums = torch.stack([torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()]) for a, b in zip(ga, gk)])
+    dots, na2, nk2 = (list(col) for col in zip(*sums.double().tolist()))
     both = [i for i in range(len(ga)) if na2[i] > 0 and nk2[i] > 0]
     info = {"conflict_frac": (sum(dots[i] < 0 for i in both) / len(both)) if both else 0.0}
     dot, na, nk = sum(dots), math.sqrt(sum(na2)), math.sqrt(sum(nk2))

@@ -71,7 +71,9 @@ class REST(Method):
         hp = self.hp
         need_know = hp["decouple"] != "off" or hp["lambda_k"] or hp["log_angle"]
         # before the forward with grad: the parameter swap would invalidate its graph
-        q_src = self.encode_with_source(query_batch) if need_know else None
+        if step == 0 or getattr(self, "_q_src", None) is None:  # the source forward once per batch
+            self._q_src = self.encode_with_source(query_batch) if need_know else None
+        q_src = self._q_src
         q = self.encode(query_batch)
         scores = q @ self.gallery.T
         g, _ = C.candidates(scores, self.gallery, hp["topk"] if hp["refine"] else 1)
