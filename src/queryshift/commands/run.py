@@ -98,6 +98,8 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     result = run(config_from_args(args))
+    if "r1" not in result:  # a rank > 0 of a data-parallel run: rank 0 reports
+        return 0
     print(format_table([result]))
     if "forgetting" in result:
         f = result["forgetting"]
