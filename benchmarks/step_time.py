@@ -59,9 +59,11 @@ def measure(spec: str, batch_size: int, rounds: int, warmup: int, direction: str
     dataset = load_dataset("shapes")
     modality = "image" if direction == "i2t" else "text"
     runners = {}
+    gallery = None
     for name in METHODS:
-        model = load_source(spec, 0)
-        gallery = encode_all(model, dataset, "text" if modality == "image" else "image", batch_size=256)
+        model = load_source(spec, 0)  # the same seeded weights for every method
+        if gallery is None:  # encoded once per backbone
+            gallery = encode_all(model, dataset, "text" if modality == "image" else "image", batch_size=256)
         method = methods.get(name)(model, gallery, modality, methods.AdaptConfig(steps=1))
         runners[name] = method.step
     floor, params = floor_model(spec, modality)
