@@ -164,12 +164,14 @@ def test_gallery_cache_is_reused(karpathy, tmp_path, monkeypatch):
     cfg = _cfg(karpathy, tmp_path, direction="i2t")
     first = run(cfg)
     assert sum(calls) == 16  # a miss: all 16 captions encoded
-    files = list((tmp_path / "cache" / "gallery").glob("*.pt"))
+    files = list((tmp_path / "cache" / "gallery").glob("*/manifest.json"))
     assert len(files) == 1
+    manifest = json.loads(files[0].read_text())
+    assert manifest["complete"] and manifest["dtype"] == "float16" and manifest["rows"] == 16  # 8 x 2 captions
     calls.clear()
     assert run(cfg)["r1"] == first["r1"]
     assert calls == []  # a hit: the gallery came from the cache
-    assert list((tmp_path / "cache" / "gallery").glob("*.pt")) == files
+    assert list((tmp_path / "cache" / "gallery").glob("*/manifest.json")) == files
 
 
 def test_forgetting_is_reported(karpathy, tmp_path, entropy_method):

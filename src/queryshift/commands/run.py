@@ -48,8 +48,17 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="after the stream, measure forgetting on clean queries")
     g.add_argument("--max-words", dest="max_words", type=int, help="caption truncation (default 30)")
     g.add_argument("--cache-dir", dest="cache_dir", help="gallery embedding cache (default ~/.cache/queryshift)")
-    g.add_argument("--num-workers", dest="num_workers", type=int, help="image loading workers (default 0)")
+    g.add_argument("--num-workers", dest="num_workers", type=int,
+                   help="image loading worker processes (default: min(4, cores - 1) for image streams of 8+ batches, "
+                        "else 0)")
     g.add_argument("--device", help="torch device (default cpu)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="query tower forward in mixed precision (autocast; loss and statistics stay fp32); "
+                        "default fp32")
+    g.add_argument("--gallery-index", dest="gallery_index", metavar="KIND[:K=V,...]",
+                   help="candidate search for top-k answers: exact (default, chunked matmul), faiss-flat, faiss-hnsw "
+                        "or faiss-ivf (needs faiss-cpu/faiss-gpu), e.g. faiss-ivf:nprobe=64; metrics stay exact and "
+                        "result.json reports the index's recall@10 against exact search")
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide progress bars")
 
 
@@ -92,6 +101,8 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     result = run(config_from_args(args))
+    if "r1" not in result:  # a rank > 0 of a data-parallel run: rank 0 reports
+        return 0
     print(format_table([result]))
     if "r50" in result:  # composed queries: CIRR / FashionIQ report R@50 (and CIRR Recall_subset@K)
         extra = ["r50"] + [k for k in ("rsubset1", "rsubset2", "rsubset3") if k in result]

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .. import shifts
-from ..metrics import batch_ranks, recall_at_k, recall_subset, subset_ranks
+from ..metrics import recall_at_k, recall_subset, subset_ranks
+from .ranking import rank_scores
 
 _PARTS = re.compile(r"\+(?!filter\b)")
 
@@ -83,7 +84,7 @@ def rank_queries(scores: torch.Tensor, indices: list[int], dataset, relevance, d
         for row, q in enumerate(indices):
             scores[row, exclude[q]] = float("-inf")
     rel = [relevance[q] for q in indices]
-    ranks, aps = batch_ranks(scores, rel)
+    ranks, aps = rank_scores(scores, rel)
     extra = {}
     subsets = getattr(dataset, "subsets", None)
     if subsets is not None and on_gallery:

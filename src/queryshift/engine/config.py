@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import methods
+from .gallery_index import parse_spec as parse_index_spec
 
 RESULT_KEYS = ("r1", "r5", "r10", "r_mean", "map")
 DIRECTIONS = ("i2t", "t2i", "c2i")  # c2i: composed queries (reference image + modification text) -> images
 
 # Fields that may differ between an interrupted run and its resumption (or a reused finished run).
-RESUME_FREE = frozenset({"out", "resume", "overwrite", "num_workers", "progress", "cache_dir", "device"})
+RESUME_FREE = frozenset({"out", "resume", "overwrite", "num_workers", "progress", "cache_dir", "device",
+                         "gallery_index"})
 
 
 @dataclass
@@ -41,7 +43,7 @@ class RunConfig:
     resume: bool = False
     overwrite: bool = False
     cache_dir: str | None = None
-    num_workers: int = 0
+    num_workers: int | None = None  # None: chosen per stream (engine.stream.auto_workers)
     device: str = "cpu"
     max_queries: int | None = None
     shuffle: bool = True
@@ -50,6 +52,8 @@ class RunConfig:
     max_words: int = 30
     gallery_batch_size: int = 256
     progress: bool = True
+    precision: str = "fp32"  # query tower forward: fp32, bf16 or fp16 (autocast; loss and statistics in fp32)
+    gallery_index: str = "exact"  # candidate search: exact | faiss-flat | faiss-hnsw | faiss-ivf[:key=value,...]
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -57,6 +61,9 @@ class RunConfig:
         if self.composer is not None and self.direction != "c2i":
             raise ValueError(f"composer {self.composer!r} applies to composed queries only (--direction c2i)")
         self._check_ranges()
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        parse_index_spec(self.gallery_index)  # a clear error for an unknown index kind or parameter
         # the method's own hyper-parameters, typed and range-checked (an unknown method fails here too)
         self.hparams = methods.get(self.method).check_hparams(self.hparams)
 
@@ -71,8 +78,8 @@ class RunConfig:
             need(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
         need(self.max_queries is None or (isinstance(self.max_queries, int) and self.max_queries >= 1),
              "max_queries", "an integer >= 1 (leave it unset for every query)", self.max_queries)
-        need(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an integer >= 0",
-             self.num_workers)
+        need(self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+             "num_workers", "an integer >= 0 (leave it unset for automatic)", self.num_workers)
         need(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
         need(self.lr is None or _finite(self.lr) and self.lr > 0, "lr", "a finite number > 0", self.lr)
         need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0",
@@ -101,7 +108,7 @@ class RunConfig:
         return methods.AdaptConfig(
             steps=self.steps, record=self.record, optimizer=self.optimizer, lr=self.resolved_lr(),
             weight_decay=self.weight_decay, include_final_ln=self.include_final_ln,
-            on_nonfinite=self.on_nonfinite, hparams=dict(self.hparams),
+            on_nonfinite=self.on_nonfinite, hparams=dict(self.hparams), precision=self.precision,
         )
 
 

@@ -6,15 +6,15 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import shifts
-from ..atomic import save_torch
 from ..data import RetrievalDataset
-from ..locks import cache_write_lock
 from ..models import DualEncoder, load_model
 from .config import RunConfig
+from .store import EmbeddingStore
 from .stream import QueryItems, loader, stream_batches, to_model_input
 
 
@@ -38,11 +38,13 @@ def source_weights(spec: str, seed: int, device: str = "cpu") -> str:
 
 @torch.no_grad()
 def encode_all(model: DualEncoder, dataset: RetrievalDataset, modality: str, batch_size: int = 256,
-               max_words: int = 30, num_workers: int = 0, device: str = "cpu", progress: bool = False):
-    """Every clean image or text of ``dataset`` through ``model`` in dataset order (no cache, no shift)."""
-    n = len(dataset.images) if modality == "image" else len(dataset.texts)
-    items = QueryItems(dataset, modality, list(range(n)), shifts.QueryShift(), 0, model, max_words)
-    batches = stream_batches(n, batch_size)
+               max_words: int = 30, num_workers: int | None = 0, device: str = "cpu", progress: bool = False,
+               indices: list[int] | None = None):
+    """Clean images or texts of ``dataset`` (all, or ``indices``) through ``model`` in order (no cache, no shift)."""
+    if indices is None:
+        indices = list(range(len(dataset.images) if modality == "image" else len(dataset.texts)))
+    items = QueryItems(dataset, modality, indices, shifts.QueryShift(), 0, model, max_words)
+    batches = stream_batches(len(indices), batch_size)
     chunks = []
     for _, _, batch in tqdm(loader(items, batches, num_workers), total=len(batches),
                             desc=f"encoding {modality}s", disable=not progress, leave=False):
@@ -57,28 +59,27 @@ def default_cache_dir() -> str:
 @torch.no_grad()
 def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str, cfg: RunConfig,
                    weights: str | None = None) -> torch.Tensor:
-    """Encode the whole gallery once with the source model, cached on disk by model + data + preprocessing.
+    """The whole gallery encoded once by the source model, from the embedding store (float32 on the CPU).
 
-    ``weights`` is the model's weight digest when the caller has already computed it.
+    The store is keyed by model + weights + preprocessing + data + modality; ``weights`` is the model's weight
+    digest when the caller has already computed it.
     """
-    key = hashlib.sha256(json.dumps([
-        model.name, weights or weights_digest(model), model.preprocess_id, dataset.fingerprint(), modality,
-        cfg.max_words,
-    ]).encode()).hexdigest()[:24]
-    cache_dir = cfg.cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, "gallery", f"{key}.pt")
-    if os.path.exists(path):
-        try:
-            return torch.load(path, map_location=cfg.device)
-        except Exception:  # a truncated cache file is rebuilt rather than trusted
-            os.remove(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with cache_write_lock(path):  # one writer per entry: parallel runs of one gallery encode it once
-        if os.path.exists(path):  # written by the process this one waited for
-            return torch.load(path, map_location=cfg.device)
-        gallery = encode_all(model, dataset, modality, cfg.gallery_batch_size, cfg.max_words, cfg.num_workers,
-                             cfg.device, cfg.progress)
-        if not torch.isfinite(gallery).all() or (gallery.norm(dim=1) == 0).any():
-            raise FloatingPointError("gallery embeddings contain NaN/inf or all-zero rows")
-        save_torch(gallery.cpu(), path)
+    manifest = {
+        "model": model.name, "model_digest": weights or weights_digest(model), "preprocess": model.preprocess_id,
+        "dataset": dataset.name, "dataset_digest": dataset.fingerprint(), "modality": modality,
+        "max_words": cfg.max_words,
+    }
+    key = hashlib.sha256(json.dumps([manifest[k] for k in (
+        "model", "model_digest", "preprocess", "dataset_digest", "modality", "max_words")]).encode()).hexdigest()[:24]
+    store = EmbeddingStore(os.path.join(cfg.cache_dir or default_cache_dir(), "gallery", key))
+    n = len(dataset.images) if modality == "image" else len(dataset.texts)
+    with store.locked():
+        if not store.complete(manifest):
+            store.fill(manifest, n, lambda rows: encode_all(
+                model, dataset, modality, cfg.gallery_batch_size, cfg.max_words, cfg.num_workers, cfg.device,
+                indices=rows), chunk=cfg.gallery_batch_size * 16, progress=cfg.progress)
+        gallery = torch.from_numpy(np.asarray(store.open(), dtype=np.float32))
+    if not torch.isfinite(gallery).all() or (gallery.norm(dim=1) == 0).any():
+        raise FloatingPointError(f"gallery embeddings in {store.path if hasattr(store, 'path') else key} contain "
+                                 f"NaN/inf or all-zero rows")
     return gallery

@@ -17,8 +17,9 @@ from .stream import to_model_input
 
 class Retriever:
     def __init__(self, model: DualEncoder, gallery: torch.Tensor, modality: str, method: str = "source",
-                 adapt_config: methods.AdaptConfig | None = None, device: str = "cpu"):
+                 adapt_config: methods.AdaptConfig | None = None, device: str = "cpu", index=None):
         self.model, self.gallery, self.modality, self.device = model, gallery, modality, device
+        self.index = index  # candidate search (engine.gallery_index); None: exact top-k of the full scores
         self.method = methods.get(method)(model, gallery, modality, adapt_config)
 
     def model_input(self, items):
@@ -42,6 +43,9 @@ class Retriever:
     @torch.no_grad()
     def search(self, query_input, k: int = 10, source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` gallery scores and indices per query (B x k each), highest first."""
+        if self.index is not None:
+            q = self.method.encode_with_source(query_input) if source else self.method.encode(query_input)
+            return self.index.search(q, k)
         scores = self.scores(query_input, source)
         return scores.topk(min(k, scores.shape[1]), dim=1)
 

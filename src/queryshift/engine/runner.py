@@ -15,17 +15,49 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import methods
+from .. import distributed, methods
 from ..data import DataError, duplicate_entries, load_dataset
 from ..methods.hparams import min_batch_size
 from ..models.composed import compose
 from .composed import build_query_shift, rank_queries
 from .config import RunConfig
 from .gallery import encode_gallery, load_source, weights_digest
+from .gallery_index import ExactIndex, build_index, recall_at_k
 from .report import clean_forgetting, format_table, json_safe, summarise
 from .retriever import Retriever
 from .rundir import RunDir
 from .stream import QueryItems, loader, query_order, skip_bad_images, stream_batches
+
+# methods that re-encode a subset of the local batch chosen by a mask over the global batch
+SHARD_UNSAFE = frozenset({"sar", "deyo"})
+
+
+@torch.no_grad()
+def index_recall(retriever: Retriever, batch) -> dict[str, float]:
+    """With an approximate index: recall@10 of its top-10 against exact search, for this batch's queries
+    under the parameters after the update (one extra forward of the query tower, without gradient)."""
+    if retriever.index is None:
+        return {}
+    q = retriever.method.encode(retriever.model_input(batch))
+    k = min(10, retriever.gallery.shape[0])
+    exact = ExactIndex(retriever.gallery).search(q, k)[1]
+    return {"index_recall_at_10": recall_at_k(retriever.index.search(q, k)[1], exact)}
+
+
+def check_distributed(cfg: RunConfig, n_stream: int) -> None:
+    """Settings a data-parallel run cannot honour, refused before any work."""
+    world = distributed.world_size()
+    if world == 1:
+        return
+    if cfg.method in SHARD_UNSAFE:
+        raise ValueError(f"method {cfg.method!r} re-encodes a selection of the batch and does not support "
+                         f"data-parallel runs yet; run it in one process")
+    if cfg.eval_clean_after:
+        raise ValueError("--eval-clean-after is not supported with several processes yet; run it in one process")
+    smallest = n_stream % cfg.batch_size or cfg.batch_size
+    if min(cfg.batch_size, smallest) < world:
+        raise ValueError(f"a batch of {min(cfg.batch_size, smallest)} queries cannot be split over {world} "
+                         f"processes; use a batch size (and a query count) with at least one query per process")
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -33,17 +65,25 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     Everything that can be checked without the model (settings, data, shift, the output directory and its
     lock) is checked before the model is loaded, and nothing in ``cfg.out`` is replaced before then.
+    Under ``torchrun`` (several processes) every rank adapts on its shard of each batch and holds the same
+    parameters (:mod:`queryshift.distributed`); rank 0 ranks, logs, checkpoints and returns the result,
+    the other ranks return ``{"rank": r}``.
     """
     t_start = time.time()
+    check_device(cfg.device)
+    device = distributed.init_from_env(cfg.device)
+    if device != cfg.device:
+        cfg = dataclasses.replace(cfg, device=device)
+    if not distributed.is_main():
+        cfg = dataclasses.replace(cfg, progress=False)
     torch.manual_seed(cfg.seed)  # runs are reproducible; load_source reseeds for the model itself
     np.random.seed(cfg.seed)
-    check_device(cfg.device)
     if cfg.image_root and not os.path.isdir(cfg.image_root):
         raise DataError(f"image_root {cfg.image_root}: not a directory (the folder the dataset's image paths "
                         f"are relative to)")
     dataset = load_dataset(cfg.data, cfg.image_root, cfg.max_words)
     shift = build_query_shift(cfg.shift, dataset.query_items(cfg.direction)[0], cfg.seed)  # a bad shift fails here
-    rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite, cfg) if cfg.out else None
+    rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite, cfg) if cfg.out and distributed.is_main() else None
     try:
         return _run(cfg, dataset, shift, rundir, t_start)
     finally:
@@ -52,40 +92,54 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) -> dict[str, Any]:
+    main_rank = distributed.is_main()
     bad_items: list[str] = []
     if cfg.skip_bad_images:
         dataset, bad_items = skip_bad_images(dataset, cfg.progress)
-    warnings = setting_warnings(cfg, dataset)
+    warnings = setting_warnings(cfg, dataset) if main_rank else []
     model = load_source(cfg.model, cfg.seed, cfg.device)
     weights = weights_digest(model)  # before any adaptation: which source weights this run started from
     if cfg.direction == "c2i":  # the composed query encoder: the model's own composer, --composer or sum
         model = compose(model, cfg.composer).to(cfg.device)
     modality, n_queries, relevance = dataset.query_items(cfg.direction)
     gallery_modality = "text" if modality == "image" else "image"
+    if not main_rank:
+        distributed.barrier()  # rank 0 encodes (and caches) the gallery first; the others then read the cache
     gallery = encode_gallery(model, dataset, gallery_modality, cfg, weights).to(cfg.device)
+    if main_rank:
+        distributed.barrier()
 
-    retriever = Retriever(model, gallery, modality, cfg.method, cfg.adapt_config(), cfg.device)
+    index = build_index(cfg.gallery_index, gallery) if cfg.gallery_index != "exact" else None
+    retriever = Retriever(model, gallery, modality, cfg.method, cfg.adapt_config(), cfg.device, index)
     order = query_order(n_queries, cfg.seed, cfg.shuffle, cfg.max_queries)
     batches = stream_batches(len(order), cfg.batch_size)
+    check_distributed(cfg, len(order))
 
     rows: list[dict] = []
+    state = None
     if rundir:
         state, rows = rundir.restore(cfg, weights)
-        if state is not None:
-            retriever.load_state_dict(state)
-    done = len(rows)
+    state, done = distributed.broadcast_object((state, len(rows)))
+    if state is not None:
+        retriever.load_state_dict(state)
 
     items = QueryItems(dataset, modality, order, shift, cfg.seed, model, cfg.max_words)
+    local_batches = [distributed.shard(b) for b in batches]  # one process: the batches themselves
     progress = tqdm(total=len(batches), initial=done, desc=f"{cfg.method} {cfg.direction} {shift.name}",
-                    disable=not cfg.progress)
+                    disable=not (cfg.progress and main_rank))
     try:
-        for b, (positions, indices, batch) in enumerate(loader(items, batches[done:], cfg.num_workers), start=done):
+        for b, (_, _, batch) in enumerate(loader(items, local_batches[done:], cfg.num_workers), start=done):
             t0 = time.time()
-            scores, info = retriever.adapt(retriever.model_input(batch))
+            scores, info = retriever.adapt(retriever.model_input(batch))  # scores of the global batch
+            recall = index_recall(retriever, batch)  # every rank: its forward joins the global batch
+            if not main_rank:
+                continue
+            positions = batches[b]
+            indices = [order[p] for p in positions]
             ranks, aps, extra = rank_queries(scores, indices, dataset, relevance, cfg.direction)
             row = {"batch": b, "n": len(indices), "seconds": round(time.time() - t0, 4),
                    **{k: json_safe(v) for k, v in info.items()},
-                   "queries": indices, "ranks": ranks, "aps": aps, **extra,
+                   "queries": indices, "ranks": ranks, "aps": aps, **extra, **recall,
                    "segments": [shift.segment(p, len(order)) for p in positions]}
             rows.append(row)
             if rundir:
@@ -99,8 +153,17 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
         if rundir:
             rundir.close_log()
 
+    distributed.check_identical(retriever.method.params)  # every rank must end with the same parameters
+    if not main_rank:
+        return {"rank": distributed.rank()}
     result = summarise(cfg, rows, dataset, shift, bad_items)
     result["model_weights"] = weights
+    if distributed.active():
+        result["world_size"] = distributed.world_size()
+    if index is not None:
+        recalls = [row["index_recall_at_10"] for row in rows if "index_recall_at_10" in row]
+        result["gallery_index"] = {"index": cfg.gallery_index, "build_seconds": round(index.build_seconds, 2),
+                                   "recall_at_10": float(np.mean(recalls)) if recalls else None}
     warnings += skip_warnings(cfg, rows)
     if warnings:
         result["warnings"] = warnings

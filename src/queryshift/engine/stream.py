@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from tqdm.auto import tqdm
 
@@ -65,9 +67,24 @@ def to_model_input(model: DualEncoder, modality: str, items, device: str):
     return tokens.to(device)
 
 
-def loader(items: torch.utils.data.Dataset, batches: list[list[int]], num_workers: int):
+def auto_workers(items: torch.utils.data.Dataset, n_batches: int) -> int:
+    """Loader workers when the user did not choose: image decoding and corruption in ``min(4, cores - 1)``
+    worker processes, prefetching ahead of the model, where ``fork`` exists; text items (strings) and short
+    streams (< 8 batches, where starting workers costs more than it saves) load in the main process."""
+    if getattr(items, "modality", "image") != "image" or n_batches < 8:
+        return 0
+    if "fork" not in torch.multiprocessing.get_all_start_methods():
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def loader(items: torch.utils.data.Dataset, batches: list[list[int]], num_workers: int | None):
+    """Batches of collated items; ``num_workers`` None chooses (:func:`auto_workers`)."""
+    if num_workers is None:
+        num_workers = auto_workers(items, len(batches))
+    extra = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate,
-                                       num_workers=num_workers)
+                                       num_workers=num_workers, **extra)
 
 
 def stream_batches(n: int, batch_size: int) -> list[list[int]]:

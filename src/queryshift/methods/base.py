@@ -16,12 +16,17 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import distributed
 from ..models.base import DualEncoder
 from .hparams import HP, validate_hparams
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+# --precision -> autocast dtype of the query tower's forward (None: plain fp32)
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -37,12 +42,15 @@ class AdaptConfig:
     include_final_ln: bool = False  # CLIP text: also adapt ln_final (excluded by the TCR code)
     on_nonfinite: str = "skip"  # a NaN/inf loss: "skip" the update (logged) or "raise"
     hparams: dict[str, Any] = field(default_factory=dict)  # method-specific overrides of ``defaults``
+    precision: str = "fp32"  # the query tower's forward: "fp32", or autocast to "bf16" / "fp16"
 
     def __post_init__(self):
         if self.record not in ("first", "last"):
             raise ValueError(f"record must be 'first' or 'last', got {self.record!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.precision not in AUTOCAST:
+            raise ValueError(f"precision must be one of {', '.join(AUTOCAST)}, got {self.precision!r}")
         if self.on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {self.on_nonfinite!r}")
 
@@ -132,7 +140,17 @@ class Method:
     # -- shared helpers ----------------------------------------------------------------------------
 
     def encode(self, query_batch: Any) -> torch.Tensor:
-        return self.model.encode(self.modality, query_batch)
+        """Query embeddings of the batch; under data-parallel adaptation, of the global batch (all ranks' shards,
+        gradient flowing back to this rank's)."""
+        dtype = AUTOCAST[self.config.precision]
+        if dtype is None:
+            q = self.model.encode(self.modality, query_batch)
+        else:  # mixed precision in the tower; embeddings, losses and statistics in fp32
+            device = next(self.model.parameters()).device.type
+            with torch.autocast(device_type=device, dtype=dtype):
+                q = self.model.encode(self.modality, query_batch)
+            q = q.float()
+        return distributed.all_gather_with_grad(q)
 
     @torch.no_grad()
     def encode_with_source(self, query_batch: Any) -> torch.Tensor:
@@ -160,7 +178,10 @@ class Method:
             return False
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if not all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None):
+        distributed.average_gradients(self.params)  # identity in one process
+        grads = [p.grad for p in self.params if p.grad is not None]
+        # one stacked check, read once (not one device sync per parameter tensor)
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             if self.config.on_nonfinite == "raise":
                 raise NonFiniteLossError(f"{self.name}: non-finite gradient at batch {self.batch_index}")
             info["skipped"] = "nonfinite-grad"

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
+
 # -- entropy and selection --------------------------------------------------------------------------
 
 
@@ -131,6 +133,7 @@ class SourceLikeQueue:
     def __init__(self, size: int = 64, frac: float = 0.3, warmup: int = 10):
         self.size, self.frac, self.warmup = int(size), float(frac), int(warmup)
         self.indicator = self.q = self.g = self.entropy = self.consistency = None
+        self._stats = None  # (max entropy, gap, mean consistency) as floats, computed once per change
 
     def __len__(self) -> int:
         return 0 if self.indicator is None else int(self.indicator.numel())
@@ -156,7 +159,18 @@ class SourceLikeQueue:
             new = tuple(torch.cat([a, b]) for a, b in zip(old, new))
         keep = torch.argsort(new[0], stable=True)[: self.size]
         self.indicator, self.q, self.g, self.entropy, self.consistency = (t[keep] for t in new)
+        self._stats = None
         return n
+
+    def _statistics(self) -> tuple[float, float, float] | None:
+        """The three statistics read from the device in one transfer, then cached until the next push (once
+        the queue is frozen, never again)."""
+        if not len(self):
+            return None
+        if getattr(self, "_stats", None) is None:
+            self._stats = tuple(torch.stack([self.entropy.max(), modality_gap(self.q, self.g),
+                                             self.consistency.mean()]).tolist())
+        return self._stats
 
     def update(self, q, g, entropy, batch_index: int, step: int) -> int:
         """:meth:`push` if the queue still accepts samples at this batch/step, else nothing."""
@@ -164,15 +178,18 @@ class SourceLikeQueue:
 
     @property
     def max_entropy(self) -> float | None:
-        return None if not len(self) else float(self.entropy.max())
+        stats = self._statistics()
+        return None if stats is None else stats[0]
 
     @property
     def gap(self) -> float | None:
-        return None if not len(self) else float(modality_gap(self.q, self.g))
+        stats = self._statistics()
+        return None if stats is None else stats[1]
 
     @property
     def mean_consistency(self) -> float | None:
-        return None if not len(self) else float(self.consistency.mean())
+        stats = self._statistics()
+        return None if stats is None else stats[2]
 
 
 def concat_inputs(a, b):
@@ -322,12 +339,20 @@ def margin_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None
 
 
 def kl_to_source(logits_source: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor):
-    """``mean_{i in mask} KL(p_source,i || p_theta,i)`` over the same candidates; None for an empty mask."""
+    """``mean_{i in mask} KL(p_source,i || p_theta,i)`` over the same candidates; None for an empty mask.
+
+    Written as ``lse(z) - lse(z_s) - sum_j p_s,j (z_j - z_s,j)`` (the same value) so that its gradient is
+    exactly ``softmax(z) - p_s`` with ``p_s = exp(z_s - lse(z_s))``, the very expression autograd uses for
+    softmax(z): at the source parameters (z == z_s) the gradient is exactly zero instead of rounding noise,
+    whose random direction the gradient decoupling would otherwise project on.
+    """
     if not bool(mask.any()):
         return None
-    logp_s = logits_source[mask].detach().log_softmax(-1)
-    logp = logits[mask].log_softmax(-1)
-    return (logp_s.exp() * (logp_s - logp)).sum(-1).mean()
+    z_s, z = logits_source[mask].detach(), logits[mask]
+    lse_s = torch.logsumexp(z_s, dim=-1, keepdim=True)
+    p_s = (z_s - lse_s).exp()
+    kl = torch.logsumexp(z, dim=-1) - lse_s.squeeze(-1) - (p_s * (z - z_s)).sum(-1)
+    return kl.mean()
 
 
 # -- gradient decoupling ---------------------------------------------------------------------------
@@ -360,9 +385,9 @@ def decouple_gradients(
     if mode not in ("tensor", "global", "off"):
         raise ValueError(f"unknown decoupling mode {mode!r}; expected 'tensor', 'global' or 'off'")
     ga, gk = list(g_adapt), list(g_know)
-    dots = [float((a * b).sum()) for a, b in zip(ga, gk)]
-    na2 = [float((a * a).sum()) for a in ga]
-    nk2 = [float((b * b).sum()) for b in gk]
+    # per-tensor inner products and squared norms computed on the device and read in one transfer
+    sums = torch.stack([torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()]) for a, b in zip(ga, gk)])
+    dots, na2, nk2 = (list(col) for col in zip(*sums.double().tolist()))
     both = [i for i in range(len(ga)) if na2[i] > 0 and nk2[i] > 0]
     info = {"conflict_frac": (sum(dots[i] < 0 for i in both) / len(both)) if both else 0.0}
     dot, na, nk = sum(dots), math.sqrt(sum(na2)), math.sqrt(sum(nk2))
@@ -389,7 +414,8 @@ def decouple_gradients(
 def grads_of(loss: torch.Tensor, params: Sequence[torch.Tensor], retain_graph: bool = False):
     """``d loss / d params`` as a list with zeros for parameters the loss does not reach."""
     gs = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+    # data-parallel: each rank holds its shard's share of the gradient; the global one is their sum
+    return distributed.average_tensors([torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)])
 
 
 def surrogate_loss(value: torch.Tensor, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]):

@@ -1,0 +1,119 @@
+"""Step time of each method relative to ``source`` and to one forward+backward of the query tower.
+
+For each backbone, one batch of real shifted queries (``--shift``) is adapted on again and again with
+``steps=1``; every round times one step of each method in turn (source, the floor, tent, tcr, rest), so
+that machine noise hits all alike, and the medians are compared. The floor is what any gradient method
+must pay: the query tower's forward and backward with the adapted LayerNorm parameters (``q.sum()`` as the
+loss, no optimizer). Methods first run ``--warmup`` steps so that TCR/REST queues are full and frozen,
+as in most of a stream.
+
+Backbones: ``shapes-clip`` (the bundled checkpoint) at ``--batch-size`` (64), and a random ViT-B/16 CLIP
+(``openclip:ViT-B-16/random``) at ``--big-batch-size`` (4) unless ``--no-big``. Ends with one JSON line
+holding ``rest_over_tcr`` and ``tcr_over_fwdbwd`` (shapes-clip), and every measured median.
+
+    python benchmarks/step_time.py [--rounds 30] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from queryshift import methods, shifts
+from queryshift.data import load_dataset
+from queryshift.engine import encode_all, load_source
+from queryshift.engine.stream import QueryItems, collate, to_model_input
+
+METHODS = ("source", "tent", "tcr", "rest")
+
+
+def query_batch(model, dataset, modality: str, batch_size: int, shift: str):
+    items = QueryItems(dataset, modality, list(range(batch_size)), shifts.build(shift, modality, 0), 0, model, 30)
+    return to_model_input(model, modality, collate([items[i] for i in range(batch_size)])[2], "cpu")
+
+
+def floor_model(spec: str, modality: str):
+    """The source model set up as the gradient methods set it up: eval mode, only the query tower's
+    LayerNorm affine parameters trainable."""
+    model = load_source(spec, 0)
+    model.eval()
+    model.requires_grad_(False)
+    params = [p for _, p in model.adaptable_parameters(modality, False)]
+    for p in params:
+        p.requires_grad_(True)
+    return model, params
+
+
+def fwd_bwd(model, params, modality: str, batch):
+    """The floor: forward and backward through the query tower with the adapted parameters."""
+    model.encode(modality, batch).sum().backward()
+    for p in params:
+        p.grad = None
+
+
+def measure(spec: str, batch_size: int, rounds: int, warmup: int, direction: str, shift: str) -> dict:
+    dataset = load_dataset("shapes")
+    modality = "image" if direction == "i2t" else "text"
+    runners = {}
+    gallery = None
+    for name in METHODS:
+        model = load_source(spec, 0)  # the same seeded weights for every method
+        if gallery is None:  # encoded once per backbone
+            gallery = encode_all(model, dataset, "text" if modality == "image" else "image", batch_size=256)
+        method = methods.get(name)(model, gallery, modality, methods.AdaptConfig(steps=1))
+        runners[name] = method.step
+    floor, params = floor_model(spec, modality)
+    batch = query_batch(floor, dataset, modality, batch_size, shift)
+    runners["fwd+bwd"] = lambda x: fwd_bwd(floor, params, modality, x)
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn(batch)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn(batch)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=12, help="steps before timing (TCR's queue freezes after 10)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--big-batch-size", type=int, default=4)
+    p.add_argument("--big-rounds", type=int, default=5)
+    p.add_argument("--no-big", dest="big", action="store_false", help="skip the ViT-B/16 backbone")
+    p.add_argument("--direction", choices=["i2t", "t2i"], default="i2t")
+    p.add_argument("--shift", default="gaussian_noise:3", help="query shift of the batch (image queries)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    shift = args.shift if args.direction == "i2t" else "RandomCharAug_swap:3"
+    backbones = [("shapes-clip", args.batch_size, args.rounds)]
+    if args.big:
+        backbones.append(("openclip:ViT-B-16/random", args.big_batch_size, args.big_rounds))
+    result: dict = {"threads": args.threads, "direction": args.direction, "shift": shift}
+    print(f"median step time, steps=1, {args.threads} threads, {args.direction}, shift {shift}")
+    print("| backbone | batch | method | ms/step | x source | x fwd+bwd |")
+    print("|---|---|---|---|---|---|")
+    for spec, batch_size, rounds in backbones:
+        med = measure(spec, batch_size, rounds, args.warmup if spec == "shapes-clip" else 2, args.direction, shift)
+        for name in ("fwd+bwd", *METHODS):
+            print(f"| {spec} | {batch_size} | {name} | {1000 * med[name]:.1f} | {med[name] / med['source']:.2f} | "
+                  f"{med[name] / med['fwd+bwd']:.2f} |")
+        result[spec] = {"batch": batch_size, "rounds": rounds,
+                        **{f"{k}_ms": round(1000 * v, 2) for k, v in med.items()}}
+        if spec == "shapes-clip":
+            result["rest_over_tcr"] = round(med["rest"] / med["tcr"], 3)
+            result["tcr_over_fwdbwd"] = round(med["tcr"] / med["fwd+bwd"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

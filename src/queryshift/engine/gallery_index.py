@@ -1,0 +1,127 @@
+"""Candidate search over the gallery: exact (chunked matmul, the default) or a faiss index for 1M+ items.
+
+An index answers "the top-k gallery items of these queries"; it serves ``Retriever.search`` and the
+recall report of ``run --gallery-index``. Metrics never use it: ranks for R@K and mAP stay exact
+(:mod:`.ranking`). Spec strings: ``exact``, ``faiss-flat``, ``faiss-hnsw`` or ``faiss-ivf``, optionally
+with parameters, e.g. ``faiss-hnsw:M=32,ef_search=128`` or ``faiss-ivf:nlist=1024,nprobe=32``.
+faiss indexes score by inner product; HNSW and IVF store the vectors in fp16 (as the embedding store does),
+flat in fp32 (faiss's BLAS search).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+KINDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf")
+PARAMS = {
+    "exact": {"chunk": 65536},
+    "faiss-flat": {},
+    "faiss-hnsw": {"M": 32, "ef_construction": 40, "ef_search": 128},
+    "faiss-ivf": {"nlist": 0, "nprobe": 16, "train_size": 0},  # 0: chosen from the gallery size
+}
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``kind[:key=value,...]`` -> (kind, parameters with defaults filled in); clear errors for typos."""
+    kind, _, rest = spec.partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"gallery index {spec!r}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    params = dict(PARAMS[kind])
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in params:
+            raise ValueError(f"gallery index {spec!r}: unknown parameter {item!r}; known: {sorted(params)}")
+        try:
+            params[key] = int(value)
+        except ValueError:
+            raise ValueError(f"gallery index {spec!r}: {key} must be an integer, got {value!r}") from None
+    return kind, params
+
+
+class ExactIndex:
+    """Top-k by chunked matmul over the gallery: memory O(queries x chunk), exact scores."""
+
+    kind = "exact"
+
+    def __init__(self, gallery: torch.Tensor, chunk: int = 65536):
+        self.gallery, self.chunk = gallery, int(chunk)
+        self.build_seconds = 0.0
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = min(k, self.gallery.shape[0])
+        best_s = best_i = None
+        for start in range(0, self.gallery.shape[0], self.chunk):
+            block = queries @ self.gallery[start:start + self.chunk].to(queries.device, queries.dtype).T
+            s, i = block.topk(min(k, block.shape[1]), dim=1)
+            i = i + start
+            if best_s is not None:
+                s, j = torch.cat([best_s, s], 1).topk(k, dim=1)
+                i = torch.cat([best_i, i], 1).gather(1, j)
+            best_s, best_i = s, i
+        return best_s, best_i
+
+
+class FaissIndex:
+    """A faiss inner-product index over the gallery, built chunk by chunk from any float store."""
+
+    def __init__(self, kind: str, gallery, params: dict, add_chunk: int = 65536):
+        try:
+            import faiss
+        except ImportError as err:
+            raise ImportError(f"--gallery-index {kind} needs faiss: pip install 'queryshift[index]' "
+                              f"(faiss-cpu) or faiss-gpu") from err
+        self.kind, self.params = kind, params
+        n, d = gallery.shape
+        t0 = time.perf_counter()
+        fp16, ip = faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        if kind == "faiss-flat":
+            index = faiss.IndexFlatIP(d)  # fp32 (BLAS search): a faiss-side exact baseline, 2x the fp16 store
+        elif kind == "faiss-hnsw":
+            index = faiss.IndexHNSWSQ(d, fp16, params["M"], ip)
+            index.hnsw.efConstruction = params["ef_construction"]
+            index.hnsw.efSearch = params["ef_search"]
+        else:
+            nlist = params["nlist"] or max(1, min(4096, int(math.sqrt(n))))
+            self._coarse = faiss.IndexFlatIP(d)  # kept alive: the IVF index does not own it
+            index = faiss.IndexIVFScalarQuantizer(self._coarse, d, nlist, fp16, ip)
+            index.nprobe = params["nprobe"]
+            train = params["train_size"] or min(n, 40 * nlist)
+            rows = np.sort(np.random.default_rng(0).choice(n, size=train, replace=False))
+            index.train(as_float32(gallery[rows]))
+        if not index.is_trained:
+            index.train(as_float32(gallery[: min(n, 65536)]))
+        for start in range(0, n, add_chunk):
+            index.add(as_float32(gallery[start:start + add_chunk]))
+        self.index = index
+        self.build_seconds = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, idx = self.index.search(as_float32(queries), k)
+        return torch.from_numpy(scores).to(queries.device), torch.from_numpy(idx).to(queries.device)
+
+
+def as_float32(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def build_index(spec: str, gallery):
+    """An index over ``gallery`` (N x d tensor or array, e.g. the memory-mapped fp16 store)."""
+    kind, params = parse_spec(spec)
+    if kind == "exact":
+        return ExactIndex(gallery if isinstance(gallery, torch.Tensor) else torch.from_numpy(gallery), **params)
+    return FaissIndex(kind, gallery, params)
+
+
+def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """Mean fraction of each query's exact top-k indices that the approximate top-k also holds."""
+    k = exact.shape[1]
+    hits = (approx[:, :k].unsqueeze(2) == exact.unsqueeze(1)).any(dim=1)
+    return float(hits.float().mean())

@@ -1,0 +1,66 @@
+"""Candidate search indexes (engine.gallery_index) against exact top-k, and run --gallery-index."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from queryshift.engine import RunConfig, run
+from queryshift.engine.gallery_index import ExactIndex, build_index, parse_spec, recall_at_k
+from tests.helpers import make_karpathy
+
+faiss = pytest.importorskip("faiss")
+
+
+def clustered(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(16, d, generator=g)
+    x = centres[torch.randint(0, 16, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+    return F.normalize(x, dim=1)
+
+
+def test_exact_index_chunked_topk_equals_full_topk():
+    gallery, queries = clustered(500, 16, 0), clustered(12, 16, 1)
+    scores, idx = ExactIndex(gallery, chunk=37).search(queries, 10)
+    ref_scores, ref_idx = (queries @ gallery.T).topk(10, dim=1)
+    torch.testing.assert_close(scores, ref_scores)
+    assert torch.equal(idx, ref_idx)
+
+
+@pytest.mark.parametrize("spec", ["faiss-flat", "faiss-ivf:nlist=8,nprobe=8", "faiss-hnsw:M=16,ef_search=200"])
+def test_faiss_indexes_find_the_exact_neighbours(spec):
+    gallery, queries = clustered(2000, 32, 2), clustered(50, 32, 3)
+    exact = ExactIndex(gallery).search(queries, 10)[1]
+    approx = build_index(spec, gallery.half().numpy())  # built from an fp16 store, as run does at scale
+    recall = recall_at_k(approx.search(queries, 10)[1], exact)
+    # flat and an IVF probing every list are exhaustive: only fp16 rounding can swap near-ties at rank 10
+    assert recall >= (0.99 if "hnsw" not in spec else 0.95)
+
+
+def test_recall_at_k_counts_shared_indices():
+    exact = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = torch.tensor([[4, 3, 9, 9], [5, 6, 7, 8]])
+    assert recall_at_k(approx, exact) == pytest.approx((2 / 4 + 1) / 2)
+
+
+def test_spec_errors_name_the_bad_part():
+    assert parse_spec("faiss-ivf:nprobe=64")[1]["nprobe"] == 64
+    with pytest.raises(ValueError, match="unknown kind 'annoy'"):
+        parse_spec("annoy")
+    with pytest.raises(ValueError, match="unknown parameter 'ef=3'"):
+        parse_spec("faiss-hnsw:ef=3")
+    with pytest.raises(ValueError, match="nprobe must be an integer"):
+        parse_spec("faiss-ivf:nprobe=many")
+    with pytest.raises(ValueError, match="unknown kind"):
+        RunConfig(gallery_index="faiss-lsh")
+
+
+def test_run_reports_index_recall_and_keeps_exact_ranks(tmp_path):
+    data = make_karpathy(tmp_path / "data", n_images=8, captions=2)
+    base = dict(model="openclip:qs-tiny/random", data=data, image_root=str(tmp_path / "data"), direction="t2i",
+                method="tent", steps=1, batch_size=5, cache_dir=str(tmp_path / "cache"), progress=False)
+    exact = run(RunConfig(**base))
+    flat = run(RunConfig(**base, gallery_index="faiss-flat", out=str(tmp_path / "out")))
+    assert flat["r1"] == exact["r1"] and flat["map"] == exact["map"]  # metrics never use the index
+    assert flat["gallery_index"]["index"] == "faiss-flat"
+    assert flat["gallery_index"]["recall_at_10"] == pytest.approx(1.0)  # 8 items: top-10 is everything
+    assert "gallery_index" not in exact
