@@ -165,21 +165,20 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
 
 
 def test_gallery_cache_is_written_under_its_lock(karpathy, tmp_path, monkeypatch):
-    from queryshift.engine import gallery
+    from queryshift.engine.store import EmbeddingStore
 
     seen = []
-    real_save = torch.save
+    real_fill = EmbeddingStore.fill
 
-    def save(obj, tmp, *a, **kw):
-        entry = str(tmp).rsplit(".", 2)[0]  # <entry>.<pid>.tmp
-        try:  # another writer of the same cache entry must not get in while this one writes
-            with locks.ExclusiveLock(f"{entry}.lock", wait=False):
+    def fill(self, *a, **kw):  # another writer of the same store must not get in while this one writes
+        try:
+            with locks.ExclusiveLock(os.path.join(self.path, "lock"), wait=False):
                 seen.append("free")
         except locks.LockedError as err:
             seen.append("held" if str(os.getpid()) in str(err) else str(err))
-        return real_save(obj, tmp, *a, **kw)
+        return real_fill(self, *a, **kw)
 
-    monkeypatch.setattr(gallery.torch, "save", save)
+    monkeypatch.setattr(EmbeddingStore, "fill", fill)
     data, root = karpathy
     run(RunConfig(model=MODEL, data=data, image_root=root, cache_dir=str(tmp_path / "cache"), progress=False))
     assert seen == ["held"]

@@ -167,3 +167,16 @@ def test_every_clause_form_is_generated():
              for i, (_, regex) in enumerate(CLAUSES) if regex.match(clause)}
     assert forms == set(range(len(CLAUSES)))
     assert not list(itertools.islice((t for t in world.texts if "  " in t), 1))
+
+
+def test_scenes_are_laid_out_on_the_shapes_worlds_canvas():
+    """Composed scenes use the shapes world's coordinates: every object inside the canvas, in its cell, so a
+    rendering shows it (a layout in native pixels put most objects off the image)."""
+    from queryshift.data.shapes import CANVAS
+
+    world = build_world("test", 200)
+    for i in range(len(world.states)):
+        for o in world.scene(i).objects:
+            assert o.radius <= o.x <= CANVAS - o.radius and o.radius <= o.y <= CANVAS - o.radius, (i, o)
+            row, col = divmod(o.cell, 3)
+            assert abs(o.x - (col + 0.5) * CANVAS / 3) <= 5 and abs(o.y - (row + 0.5) * CANVAS / 3) <= 5, (i, o)

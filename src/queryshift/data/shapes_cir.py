@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .composed import ComposedDataset
-from .shapes import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Scene, Shape, articles, render
+from .shapes import CANVAS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, articles, render
 
 # split -> (seed, number of composed queries); the test split has 1,000 queries like shapes' test split
 SPLITS = {"train": (31_250_601, 12_000), "val": (31_250_603, 1_000), "test": (31_250_602, 1_000)}
@@ -181,13 +181,13 @@ def realise(state: State, rng: np.random.Generator) -> Scene:
     """A concrete scene of ``state``: the shapes world's background tint, offsets, radius and colour noise."""
     grey = rng.uniform(205, 240)
     background = tuple(int(np.clip(grey + rng.uniform(-12, 12), 0, 255)) for _ in range(3))
-    cell_px = IMAGE_SIZE / 3
+    cell_px = CANVAS / 3  # scene coordinates are canvas pixels; render() scales them to the native size
     objects = []
     for cell, shape, colour, size in state:
         radius = float(rng.uniform(*SIZES[size]))
         row, col = divmod(cell, 3)
-        x = float(np.clip((col + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, IMAGE_SIZE - radius - 1))
-        y = float(np.clip((row + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, IMAGE_SIZE - radius - 1))
+        x = float(np.clip((col + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
+        y = float(np.clip((row + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
         rgb = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[colour])
         objects.append(Shape(shape, colour, size, cell, x, y, radius, rgb))
     return Scene(background, tuple(objects), (describe(state),))

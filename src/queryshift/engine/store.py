@@ -10,7 +10,6 @@ it stopped; a store whose manifest does not describe the requested gallery is re
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Callable
@@ -18,6 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ..locks import ExclusiveLock
 
 IDENTITY = ("model", "model_digest", "preprocess", "dataset_digest", "modality", "max_words")
 
@@ -32,12 +33,8 @@ class EmbeddingStore:
     def locked(self):
         """Exclusive lock on the store (another process encoding the same gallery waits, then reuses it)."""
         os.makedirs(self.path, exist_ok=True)
-        with open(os.path.join(self.path, "lock"), "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with ExclusiveLock(os.path.join(self.path, "lock"), wait=True, what=f"embedding store {self.path}"):
+            yield
 
     def manifest(self) -> dict | None:
         try:
