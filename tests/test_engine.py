@@ -178,3 +178,21 @@ def test_forgetting_is_reported(karpathy, tmp_path, entropy_method):
     result = run(_cfg(karpathy, tmp_path, method="entropy-min", eval_clean_after=True, batch_size=4))
     f = result["forgetting"]
     assert f["forgetting"] == pytest.approx(f["r1_after"] - f["r1_source"], abs=0.01)
+
+
+def _run_in_child(cfg):
+    return run(cfg)["r1"]
+
+
+def test_image_stream_with_loader_workers_runs_in_a_spawned_process(tmp_path):
+    """bench runs each point in a spawned process; an image stream of 8+ batches there starts DataLoader
+    workers, which must not need to pickle the model and shift (the spawn default would)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # the shapes world (its dataset is not picklable), 8 batches of 1: loader workers chosen automatically
+    cfg = RunConfig(model="shapes-clip", data="shapes", direction="i2t", batch_size=1, max_queries=8,
+                    cache_dir=str(tmp_path / "cache"), progress=False)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        r1_child = pool.submit(_run_in_child, cfg).result(timeout=600)
+    assert r1_child == run(cfg)["r1"]

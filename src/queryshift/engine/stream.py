@@ -83,6 +83,10 @@ def loader(items: torch.utils.data.Dataset, batches: list[list[int]], num_worker
     if num_workers is None:
         num_workers = auto_workers(items, len(batches))
     extra = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
+    if num_workers > 0 and "fork" in torch.multiprocessing.get_all_start_methods():
+        # fork, not the process's default: inside bench's spawned job processes the default is spawn, which
+        # must pickle the items (model, shift, dataset) and fails for some of them
+        extra["multiprocessing_context"] = "fork"
     return torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate,
                                        num_workers=num_workers, **extra)
 
