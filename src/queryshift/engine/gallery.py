@@ -80,6 +80,6 @@ def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str,
                 indices=rows), chunk=cfg.gallery_batch_size * 16, progress=cfg.progress)
         gallery = torch.from_numpy(np.asarray(store.open(), dtype=np.float32))
     if not torch.isfinite(gallery).all() or (gallery.norm(dim=1) == 0).any():
-        raise FloatingPointError(f"gallery embeddings in {store.path if hasattr(store, 'path') else key} contain "
+        raise FloatingPointError(f"gallery embeddings in {store.path} contain "
                                  f"NaN/inf or all-zero rows")
     return gallery
