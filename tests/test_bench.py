@@ -39,7 +39,7 @@ def test_bench_grid_writes_tables_and_reuses_runs(tmp_path, capsys):
     assert {p: p.stat().st_mtime for p in out.glob("runs/grid/*/result.json")} == stamp
     # the same grid with other settings must not reuse those results silently
     assert cli_main([a if a != "1" else "2" for a in argv]) == 2  # --steps 2
-    assert "holds a finished run with other settings (steps)" in capsys.readouterr().err
+    assert "holds a finished run with other settings (steps 1 -> 2)" in capsys.readouterr().err
     # nor the results of a source model that was retrained since (same name, other weights)
     first = sorted(stamp)[0]
     result = json.loads(first.read_text())

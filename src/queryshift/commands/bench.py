@@ -9,7 +9,6 @@ only does the missing work. Output: ``OUT/results.json``, ``OUT/results.md`` and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -18,7 +17,7 @@ import shlex
 import sys
 from typing import Any
 
-from ..engine import RESUME_FREE, RunConfig, run, write_json
+from ..engine import RunConfig, run, settings_changed, write_json
 from ..locks import ExclusiveLock
 from ..runinfo import git_commit, versions
 from .run import add_run_options, config_from_args
@@ -208,8 +207,7 @@ def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{result_path}: not a readable result ({type(err).__name__}: {err}); remove that "
                              f"run directory to recompute it") from None
-        current = dataclasses.asdict(cfg)
-        changed = [k for k in current if k not in RESUME_FREE and result["config"].get(k) != current[k]]
+        changed = settings_changed(result["config"], cfg)
         if changed:  # a suite edited since: never report a stale run under the new settings
             raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(changed)}); "
                              f"remove it or choose another --out")

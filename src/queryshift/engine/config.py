@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import methods
+from .. import methods, models
 from .gallery_index import parse_spec as parse_index_spec
 
 RESULT_KEYS = ("r1", "r5", "r10", "r_mean", "map")
@@ -34,7 +34,7 @@ class RunConfig:
     steps: int = 3
     record: str = "last"  # scores of the first or the last step's forward (spec §1.8)
     optimizer: str = "adamw"
-    lr: float | None = None  # None: 3e-4, or 3e-5 for BLIP text queries (spec §1.4)
+    lr: float | None = None  # None: the backbone's protocol rate (models.protocol_lr), recorded when the run starts
     weight_decay: float = 1e-4
     hparams: dict[str, Any] = field(default_factory=dict)
     include_final_ln: bool = False
@@ -102,7 +102,7 @@ class RunConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return 3e-5 if self.model.startswith("hf-blip") and self.direction == "t2i" else 3e-4
+        return models.protocol_lr(self.model, self.direction == "t2i")
 
     def adapt_config(self) -> methods.AdaptConfig:
         return methods.AdaptConfig(
@@ -117,7 +117,17 @@ def _finite(value) -> bool:
 
 
 def settings_changed(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """Descriptions of the settings that differ between a saved run's config and ``cfg``."""
+    """Descriptions of the settings that differ between a saved run's config and ``cfg``.
+
+    The learning rate is compared as resolved: a default rate can change (a backbone gets its own protocol
+    rate), and a run saved with ``lr: null`` before runs recorded their rate ran at the spec's default.
+    """
     current = dataclasses.asdict(cfg)
-    return [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in current
-            if k not in RESUME_FREE and saved.get(k) != current[k]]
+    changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in current
+               if k not in RESUME_FREE | {"lr"} and saved.get(k) != current[k]]
+    saved_lr = saved.get("lr")
+    if saved_lr is None:
+        saved_lr = models.spec_default_lr(str(saved.get("model", "")), saved.get("direction") == "t2i")
+    if float(saved_lr) != cfg.resolved_lr():
+        changed.append(f"lr {float(saved_lr)!r} -> {cfg.resolved_lr()!r}")
+    return changed

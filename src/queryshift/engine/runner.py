@@ -76,6 +76,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, device=device)
     if not distributed.is_main():
         cfg = dataclasses.replace(cfg, progress=False)
+    if cfg.lr is None:  # record the rate in force: a backbone's default rate may change later
+        cfg = dataclasses.replace(cfg, lr=cfg.resolved_lr())
     torch.manual_seed(cfg.seed)  # runs are reproducible; load_source reseeds for the model itself
     np.random.seed(cfg.seed)
     if cfg.image_root and not os.path.isdir(cfg.image_root):

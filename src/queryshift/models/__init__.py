@@ -25,6 +25,21 @@ ALIASES: dict[str, str] = {
 }
 
 
+# Learning rates chosen for a backbone on validation shifts only (its model card says how); every other
+# backbone uses the protocol defaults of the TCR code (spec §1.4).
+PROTOCOL_LR: dict[str, float] = {"shapes-clip": 1e-3}
+
+
+def spec_default_lr(model: str, text_queries: bool) -> float:
+    """The TCR code's learning rate: 3e-4, or 3e-5 for BLIP adapting its text tower (spec §1.4)."""
+    return 3e-5 if model.startswith("hf-blip") and text_queries else 3e-4
+
+
+def protocol_lr(model: str, text_queries: bool) -> float:
+    """The learning rate a run uses when none is given: the backbone's chosen one, else the spec's."""
+    return PROTOCOL_LR.get(model, spec_default_lr(model, text_queries))
+
+
 def load_model(name: str, device: str = "cpu") -> DualEncoder:
     """Build a dual encoder from ``<backend>:<spec>`` or a registered alias, in eval mode."""
     if name in ALIASES:
@@ -41,4 +56,5 @@ def load_model(name: str, device: str = "cpu") -> DualEncoder:
     return model.eval()
 
 
-__all__ = ["DualEncoder", "WeightsNotFoundError", "l2_normalize", "load_model", "BACKENDS", "ALIASES"]
+__all__ = ["DualEncoder", "WeightsNotFoundError", "l2_normalize", "load_model", "BACKENDS", "ALIASES", "PROTOCOL_LR",
+           "protocol_lr", "spec_default_lr"]

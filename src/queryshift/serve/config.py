@@ -7,7 +7,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import methods
+from .. import methods, models
 
 
 @dataclass
@@ -81,7 +81,7 @@ class ServeConfig:
     def resolved_lr(self, modality: str) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return 3e-5 if self.model.startswith("hf-blip") and modality == "text" else 3e-4
+        return models.protocol_lr(self.model, modality == "text")
 
     def adapt_config(self, modality: str) -> methods.AdaptConfig:
         return methods.AdaptConfig(steps=self.steps, optimizer=self.optimizer, lr=self.resolved_lr(modality),

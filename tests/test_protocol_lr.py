@@ -1,0 +1,73 @@
+"""A backbone's protocol learning rate: used when a run gives none, recorded with the run, and a change of it
+never lets a finished or interrupted run pass for one at the new rate."""
+
+import json
+import os
+
+import pytest
+
+from queryshift import models
+from queryshift.cli import main as cli_main
+from queryshift.engine import RunConfig, settings_changed
+from tests.helpers import make_karpathy
+
+TINY = "openclip:qs-tiny/random"
+
+
+def test_default_rate_follows_the_backbone(monkeypatch):
+    monkeypatch.setitem(models.PROTOCOL_LR, "shapes-clip", 7e-3)
+    assert RunConfig(model="shapes-clip").resolved_lr() == 7e-3
+    assert RunConfig(model="shapes-clip", direction="t2i").resolved_lr() == 7e-3
+    assert RunConfig(model="shapes-clip", lr=1e-5).resolved_lr() == 1e-5  # an explicit rate wins
+    assert RunConfig(model=TINY).resolved_lr() == 3e-4  # the spec's default elsewhere
+    assert RunConfig(model="hf-blip:x", direction="t2i").resolved_lr() == 3e-5
+    assert RunConfig(model="hf-blip:x", direction="i2t").resolved_lr() == 3e-4
+
+
+def test_shapes_clip_has_a_chosen_rate_in_its_model_card():
+    rate = models.PROTOCOL_LR["shapes-clip"]
+    card_path = os.path.join(os.path.dirname(__file__), "..", "docs", "model-card-shapes-clip.md")
+    with open(card_path, encoding="utf-8") as f:
+        card = f.read()
+    assert f"protocol learning rate of `shapes-clip` is **{rate:g}**" in card
+
+
+def test_settings_compare_resolved_rates(monkeypatch):
+    saved_legacy = {**RunConfig(model=TINY).__dict__, "lr": None}  # written before rates were recorded
+    assert settings_changed(saved_legacy, RunConfig(model=TINY)) == []
+    monkeypatch.setitem(models.PROTOCOL_LR, TINY, 1e-2)
+    assert settings_changed(saved_legacy, RunConfig(model=TINY)) == ["lr 0.0003 -> 0.01"]
+    assert settings_changed({**saved_legacy, "lr": 1e-2}, RunConfig(model=TINY)) == []
+
+
+def test_bench_refuses_runs_made_at_another_default_rate(tmp_path, capsys, monkeypatch):
+    data = make_karpathy(tmp_path / "d", n_images=6, captions=2)
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", TINY, "--data", data, "--image-root", str(tmp_path / "d"), "--methods", "tent",
+            "--shifts", "clean", "--directions", "i2t", "--batch-size", "4", "--steps", "1", "--out", str(out),
+            "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert cli_main(argv) == 0
+    (path,) = out.glob("runs/grid/*/result.json")
+    result = json.loads(path.read_text())
+    assert result["config"]["lr"] == 3e-4 and result["lr"] == 3e-4  # the rate in force is recorded
+    assert cli_main(argv) == 0  # same rate: reused
+    monkeypatch.setitem(models.PROTOCOL_LR, TINY, 1e-2)
+    assert cli_main(argv) == 2
+    assert "other settings (lr 0.0003 -> 0.01)" in capsys.readouterr().err
+    # a run saved before rates were recorded (lr null) ran at the spec's default: refused as well
+    path.write_text(json.dumps({**result, "config": {**result["config"], "lr": None}}))
+    assert cli_main(argv) == 2
+    monkeypatch.delitem(models.PROTOCOL_LR, TINY)
+    assert cli_main(argv) == 0
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_a_run_uses_the_backbone_rate(tmp_path, monkeypatch, direction):
+    from queryshift.engine import run
+
+    data = make_karpathy(tmp_path / "d", n_images=6, captions=2)
+    monkeypatch.setitem(models.PROTOCOL_LR, TINY, 5e-3)
+    result = run(RunConfig(model=TINY, data=data, image_root=str(tmp_path / "d"), method="tent",
+                           direction=direction, batch_size=4, steps=1, cache_dir=str(tmp_path / "c"),
+                           progress=False))
+    assert result["lr"] == 5e-3 and result["config"]["lr"] == 5e-3
