@@ -9,7 +9,6 @@ only does the missing work. Output: ``OUT/results.json``, ``OUT/results.md`` and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -18,7 +17,8 @@ import shlex
 import sys
 from typing import Any
 
-from ..engine import RESUME_FREE, RunConfig, run, write_json
+from ..engine import RunConfig, run, write_json
+from ..engine.config import changed_keys
 from ..locks import ExclusiveLock
 from ..runinfo import git_commit, versions
 from .run import add_run_options, config_from_args
@@ -27,7 +27,7 @@ from .run import add_run_options, config_from_args
 PACKAGE_SUITES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "suites"))
 QUERY_MODALITY = {"i2t": "image", "t2i": "text"}
 _SLIM = ("r1", "r5", "r10", "r_mean", "map", "r50", "rsubset1", "rsubset2", "rsubset3", "n_queries",
-         "segments", "forgetting", "skipped_updates", "warnings", "seconds")
+         "segments", "forgetting", "forgetting_general", "skipped_updates", "warnings", "seconds")
 
 
 def add_parser(subparsers) -> None:
@@ -208,8 +208,7 @@ def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{result_path}: not a readable result ({type(err).__name__}: {err}); remove that "
                              f"run directory to recompute it") from None
-        current = dataclasses.asdict(cfg)
-        changed = [k for k in current if k not in RESUME_FREE and result["config"].get(k) != current[k]]
+        changed = changed_keys(result["config"], cfg)  # a key the run predates counts as its default
         if changed:  # a suite edited since: never report a stale run under the new settings
             raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(changed)}); "
                              f"remove it or choose another --out")
@@ -349,6 +348,15 @@ def read_notes(path: str) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8") from None
 
 
+def _metric_slug(metric: str, metrics: list[str]) -> str:
+    """A metric's part of its table and PNG names: the last part of a dotted path, or the whole path when two
+    of the table's metrics end alike (forgetting.forgetting and forgetting_general.mean.forgetting)."""
+    last = metric.split(".")[-1]
+    if sum(m.split(".")[-1] == last for m in metrics) > 1:
+        return re.sub(r"[^A-Za-z0-9_-]+", "-", metric)
+    return last
+
+
 def report(tables, records, out: str, title: str, command: str, report_path: str | None = None,
            notes: str | None = None) -> str:
     """Write the Markdown report (default OUT/results.md; PNGs beside it) and OUT/results.json."""
@@ -363,9 +371,10 @@ def report(tables, records, out: str, title: str, command: str, report_path: str
     for t in tables:
         parts += [f"## {t['name']}", ""] + ([t["description"], ""] if t["description"] else [])
         metrics = t["hints"].get("metric", "r1")
-        for n, metric in enumerate([metrics] if isinstance(metrics, str) else metrics):
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        for n, metric in enumerate(metrics):
             md, grid = render_table(t, records, metric)
-            name = t["name"] if n == 0 else f"{t['name']}-{metric.split('.')[-1]}"
+            name = t["name"] if n == 0 else f"{t['name']}-{_metric_slug(metric, metrics)}"
             grids[name] = grid
             png = f"{prefix}{name}.png"
             plot_table(grid, f"{t['name']} ({metric})", os.path.join(report_dir, png))

@@ -49,6 +49,7 @@ class RunConfig:
     shuffle: bool = True
     skip_bad_images: bool = False
     eval_clean_after: bool = False  # forgetting: clean queries with the adapted vs the source parameters
+    eval_general_after: bool = False  # the same on each general-domain (test) style of the query modality
     max_words: int = 30
     gallery_batch_size: int = 256
     progress: bool = True
@@ -61,6 +62,9 @@ class RunConfig:
         if self.composer is not None and self.direction != "c2i":
             raise ValueError(f"composer {self.composer!r} applies to composed queries only (--direction c2i)")
         self._check_ranges()
+        if self.eval_general_after and self.direction == "c2i":
+            raise ValueError("eval_general_after measures forgetting on the image or caption styles of i2t and "
+                             "t2i queries; composed queries (c2i) have no general-domain styles")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         parse_index_spec(self.gallery_index)  # a clear error for an unknown index kind or parameter
@@ -116,8 +120,22 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _defaults() -> dict[str, Any]:
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(RunConfig)}
+
+
+def changed_keys(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The settings (other than ``RESUME_FREE``) in which a saved run's config differs from ``cfg``.
+
+    A key the saved config lacks (a run from before that setting existed) counts as its default, so a new
+    setting left at its default never makes finished or interrupted runs look changed.
+    """
+    current, defaults = dataclasses.asdict(cfg), _defaults()
+    return [k for k in current if k not in RESUME_FREE and saved.get(k, defaults[k]) != current[k]]
+
+
 def settings_changed(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """Descriptions of the settings that differ between a saved run's config and ``cfg``."""
-    current = dataclasses.asdict(cfg)
-    return [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in current
-            if k not in RESUME_FREE and saved.get(k) != current[k]]
+    """Descriptions (``key old -> new``) of the settings that differ between a saved run's config and ``cfg``."""
+    current, defaults = dataclasses.asdict(cfg), _defaults()
+    return [f"{k} {saved.get(k, defaults[k])!r} -> {current[k]!r}" for k in changed_keys(saved, cfg)]
