@@ -29,8 +29,13 @@ def _cfg(karpathy, tmp_path, **kw):
 
 
 def test_general_styles_are_the_test_styles_of_the_query_modality():
+    from queryshift.data import shapes_general
+
     assert report_module.general_domain_styles("image") == STYLES["i2t"]
     assert report_module.general_domain_styles("text") == STYLES["t2i"]  # never style:sketch / style:chatty
+    # the styles the general training stage saw
+    assert STYLES["i2t"] == [f"style:{s}" for s in shapes_general.IMAGE_STYLES]
+    assert set(STYLES["t2i"]) == {f"style:{s}" for s in shapes_general.CAPTION_VARIATION} - {"style:typos"}
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
