@@ -26,7 +26,7 @@ from .run import add_run_options, config_from_args
 PACKAGE_SUITES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "suites"))
 QUERY_MODALITY = {"i2t": "image", "t2i": "text"}
 _SLIM = ("r1", "r5", "r10", "r_mean", "map", "r50", "rsubset1", "rsubset2", "rsubset3", "n_queries",
-         "segments", "forgetting", "skipped_updates", "warnings", "seconds")
+         "segments", "forgetting", "forgetting_general", "skipped_updates", "warnings", "seconds")
 
 
 def add_parser(subparsers) -> None:
@@ -347,6 +347,15 @@ def read_notes(path: str) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8") from None
 
 
+def _metric_slug(metric: str, metrics: list[str]) -> str:
+    """A metric's part of its table and PNG names: the last part of a dotted path, or the whole path when two
+    of the table's metrics end alike (forgetting.forgetting and forgetting_general.mean.forgetting)."""
+    last = metric.split(".")[-1]
+    if sum(m.split(".")[-1] == last for m in metrics) > 1:
+        return re.sub(r"[^A-Za-z0-9_-]+", "-", metric)
+    return last
+
+
 def report(tables, records, out: str, title: str, command: str, report_path: str | None = None,
            notes: str | None = None) -> str:
     """Write the Markdown report (default OUT/results.md; PNGs beside it) and OUT/results.json."""
@@ -361,9 +370,10 @@ def report(tables, records, out: str, title: str, command: str, report_path: str
     for t in tables:
         parts += [f"## {t['name']}", ""] + ([t["description"], ""] if t["description"] else [])
         metrics = t["hints"].get("metric", "r1")
-        for n, metric in enumerate([metrics] if isinstance(metrics, str) else metrics):
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        for n, metric in enumerate(metrics):
             md, grid = render_table(t, records, metric)
-            name = t["name"] if n == 0 else f"{t['name']}-{metric.split('.')[-1]}"
+            name = t["name"] if n == 0 else f"{t['name']}-{_metric_slug(metric, metrics)}"
             grids[name] = grid
             png = f"{prefix}{name}.png"
             plot_table(grid, f"{t['name']} ({metric})", os.path.join(report_dir, png))

@@ -46,6 +46,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="drop unreadable images (reported in result.json) instead of stopping")
     g.add_argument("--eval-clean-after", dest="eval_clean_after", action="store_const", const=True,
                    help="after the stream, measure forgetting on clean queries")
+    g.add_argument("--eval-general-after", dest="eval_general_after", action="store_const", const=True,
+                   help="after the stream, measure forgetting on each general-domain style of the query modality "
+                        "(i2t: style:outline, style:dark, style:texture; t2i: style:synonyms, style:templates)")
     g.add_argument("--max-words", dest="max_words", type=int, help="caption truncation (default 30)")
     g.add_argument("--cache-dir", dest="cache_dir", help="gallery embedding cache (default ~/.cache/queryshift)")
     g.add_argument("--num-workers", dest="num_workers", type=int,
@@ -110,6 +113,9 @@ def main(args: argparse.Namespace) -> int:
     if "forgetting" in result:
         f = result["forgetting"]
         print(f"forgetting (clean R@1 after - source): {f['forgetting']:+.2f} "
+              f"({f['r1_after']:.2f} vs {f['r1_source']:.2f})")
+    for style, f in result.get("forgetting_general", {}).items():
+        print(f"forgetting ({style} R@1 after - source): {f['forgetting']:+.2f} "
               f"({f['r1_after']:.2f} vs {f['r1_source']:.2f})")
     if args.out:
         print(f"wrote {args.out}/result.json")

@@ -12,6 +12,7 @@ caption, which lets the caption styles in :mod:`queryshift.shifts.domain` rewrit
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -206,6 +207,42 @@ def parse_caption(caption: str) -> tuple[str, dict[str, str]] | None:
         if match:
             return key, match.groupdict()
     return None
+
+
+_ATTRIBUTES = {"c": "colour", "s": "shape", "z": "size"}
+
+
+def caption_fits(caption: str, scene: Scene) -> bool:
+    """Whether the caption generator could have written ``caption`` for ``scene``: the truth of a base caption.
+
+    A caption written by template ``key/n`` names all n objects of its scene (the head's one or two, the tail
+    the rest), so it fits a scene of exactly n objects that can be put in an order where every mentioned
+    colour, shape and size matches its object, the first object is in the named grid position and stands
+    in the named relation to the second, and the count word is n. Objects are matched as a whole (two red
+    objects cannot both be the one red circle). Only base captions are read (the templates of
+    :data:`TEMPLATES`); a caption no template produced is an error, not a silent False.
+    """
+    parses = [(key, m.groupdict()) for key, regex in _PARSERS.items() if (m := regex.match(caption))]
+    if not parses:
+        raise ValueError(f"caption {caption!r} was not written by a shapes template; caption_fits reads base "
+                         f"captions only")
+    return any(_fields_fit(key, fields, scene.objects) for key, fields in parses)
+
+
+def _fields_fit(key: str, fields: dict[str, str], objects: tuple[Shape, ...]) -> bool:
+    n = int(key.rpartition("/")[2])
+    if len(objects) != n or fields.get("n", COUNT_WORDS[n - 1]) != COUNT_WORDS[n - 1]:
+        return False
+    wanted = [(int(name[1:]) - 1, _ATTRIBUTES[name[0]], value) for name, value in fields.items()
+              if name[0] in _ATTRIBUTES and name[1:].isdigit()]
+    for order in itertools.permutations(objects):
+        if "pos" in fields and order[0].position != fields["pos"]:
+            continue
+        if "rel" in fields and relation(order[0], order[1]) != fields["rel"]:
+            continue
+        if all(getattr(order[k], attribute) == value for k, attribute, value in wanted):
+            return True
+    return False
 
 
 # -- rendering ---------------------------------------------------------------------------------

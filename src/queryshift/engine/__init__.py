@@ -14,7 +14,7 @@ One module per concern (see each module's docstring); imports go one way:
 
 from .config import RESULT_KEYS, RESUME_FREE, RunConfig, settings_changed
 from .gallery import default_cache_dir, encode_all, encode_gallery, load_source, source_weights, weights_digest
-from .report import clean_forgetting, format_table, json_safe, summarise, write_json
+from .report import clean_forgetting, format_table, general_forgetting, json_safe, summarise, write_json
 from .retriever import Retriever
 from .rundir import RunDir
 from .runner import run
@@ -22,7 +22,7 @@ from .stream import QueryItems, query_order, stream_batches, to_model_input
 
 __all__ = [
     "RESULT_KEYS", "RESUME_FREE", "RunConfig", "settings_changed", "default_cache_dir", "encode_all",
-    "encode_gallery", "load_source", "source_weights", "weights_digest", "clean_forgetting", "format_table",
-    "json_safe", "summarise", "write_json", "Retriever", "run", "RunDir", "QueryItems", "query_order",
-    "stream_batches", "to_model_input",
+    "encode_gallery", "load_source", "source_weights", "weights_digest", "clean_forgetting", "general_forgetting",
+    "format_table", "json_safe", "summarise", "write_json", "Retriever", "run", "RunDir", "QueryItems",
+    "query_order", "stream_batches", "to_model_input",
 ]

@@ -49,6 +49,7 @@ class RunConfig:
     shuffle: bool = True
     skip_bad_images: bool = False
     eval_clean_after: bool = False  # forgetting: clean queries with the adapted vs the source parameters
+    eval_general_after: bool = False  # the same on each general-domain (test) style of the query modality
     max_words: int = 30
     gallery_batch_size: int = 256
     progress: bool = True
@@ -61,6 +62,9 @@ class RunConfig:
         if self.composer is not None and self.direction != "c2i":
             raise ValueError(f"composer {self.composer!r} applies to composed queries only (--direction c2i)")
         self._check_ranges()
+        if self.eval_general_after and self.direction == "c2i":
+            raise ValueError("eval_general_after measures forgetting on the image or caption styles of i2t and "
+                             "t2i queries; composed queries (c2i) have no general-domain styles")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         parse_index_spec(self.gallery_index)  # a clear error for an unknown index kind or parameter
@@ -116,18 +120,33 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def settings_changed(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """Descriptions of the settings that differ between a saved run's config and ``cfg``.
+def _defaults() -> dict[str, Any]:
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(RunConfig)}
 
-    The learning rate is compared as resolved: a default rate can change (a backbone gets its own protocol
-    rate), and a run saved with ``lr: null`` before runs recorded their rate ran at the spec's default.
+
+def _saved_lr(saved: dict[str, Any]) -> float:
+    """The rate a saved run used: runs saved before rates were recorded (``lr: null``) ran at the spec's default."""
+    lr = saved.get("lr")
+    if lr is None:
+        lr = models.spec_default_lr(str(saved.get("model", "")), saved.get("direction") == "t2i")
+    return float(lr)
+
+
+def changed_keys(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The settings (other than ``RESUME_FREE``) in which a saved run's config differs from ``cfg``.
+
+    A key the saved config lacks (a run from before that setting existed) counts as its default, so a new
+    setting left at its default never makes finished or interrupted runs look changed. The learning rate is
+    compared as resolved: a backbone's default rate can change.
     """
-    current = dataclasses.asdict(cfg)
-    changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in current
-               if k not in RESUME_FREE | {"lr"} and saved.get(k) != current[k]]
-    saved_lr = saved.get("lr")
-    if saved_lr is None:
-        saved_lr = models.spec_default_lr(str(saved.get("model", "")), saved.get("direction") == "t2i")
-    if float(saved_lr) != cfg.resolved_lr():
-        changed.append(f"lr {float(saved_lr)!r} -> {cfg.resolved_lr()!r}")
-    return changed
+    current, defaults = dataclasses.asdict(cfg), _defaults()
+    keys = [k for k in current if k not in RESUME_FREE | {"lr"} and saved.get(k, defaults[k]) != current[k]]
+    return keys + (["lr"] if _saved_lr(saved) != cfg.resolved_lr() else [])
+
+
+def settings_changed(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Descriptions (``key old -> new``) of the settings that differ between a saved run's config and ``cfg``."""
+    old = {**_defaults(), **saved, "lr": _saved_lr(saved)}
+    new = {**dataclasses.asdict(cfg), "lr": cfg.resolved_lr()}
+    return [f"{k} {old[k]!r} -> {new[k]!r}" for k in changed_keys(saved, cfg)]

@@ -69,21 +69,52 @@ def summarise(cfg: RunConfig, rows: list[dict], dataset, shift, bad_items: list[
 
 
 @torch.no_grad()
-def clean_forgetting(retriever, dataset, relevance, cfg: RunConfig) -> dict[str, float]:
-    """R@1 on clean queries with the adapted parameters minus R@1 with the source parameters."""
+def shift_forgetting(retriever, dataset, relevance, cfg: RunConfig, spec: str | None = None) -> dict[str, float]:
+    """R@1 with the adapted parameters minus R@1 with the source parameters, on the stream's queries (the
+    first ``max_queries`` in stream order) under the query shift ``spec`` (None: clean queries)."""
     order = query_order(len(relevance), cfg.seed, cfg.shuffle, cfg.max_queries)
-    clean = build_query_shift(None, retriever.modality)
-    items = QueryItems(dataset, retriever.modality, order, clean, cfg.seed, retriever.model, cfg.max_words)
+    shift = build_query_shift(spec, retriever.modality, cfg.seed)
+    items = QueryItems(dataset, retriever.modality, order, shift, cfg.seed, retriever.model, cfg.max_words)
     batches = stream_batches(len(order), cfg.batch_size)
     after, source = [], []
     for _, indices, batch in tqdm(loader(items, batches, cfg.num_workers), total=len(batches),
-                                  desc="clean queries after adaptation", disable=not cfg.progress, leave=False):
+                                  desc=f"{shift.name} queries after adaptation", disable=not cfg.progress,
+                                  leave=False):
         x = retriever.model_input(batch)
         after += rank_queries(retriever.scores(x), indices, dataset, relevance, cfg.direction)[0]
         source += rank_queries(retriever.scores(x, source=True), indices, dataset, relevance, cfg.direction)[0]
     r_after, r_source = retrieval_metrics(after), retrieval_metrics(source)
     return {"r1_after": r_after["r1"], "r1_source": r_source["r1"],
             "forgetting": round(r_after["r1"] - r_source["r1"], 2)}
+
+
+def clean_forgetting(retriever, dataset, relevance, cfg: RunConfig) -> dict[str, float]:
+    """Forgetting on clean queries (``--eval-clean-after``)."""
+    return shift_forgetting(retriever, dataset, relevance, cfg)
+
+
+def general_domain_styles(modality: str) -> list[str]:
+    """The test styles of ``modality``'s queries, the general domains the general source model was trained on
+    (``shifts.domain.TEST_STYLES``; the validation styles are not among them)."""
+    from ..shifts.domain import TEST_STYLES
+    from ..shifts.registry import list_shifts
+
+    offered = set(list_shifts(modality))  # the styles that shift this modality
+    return [s for s in TEST_STYLES if s in offered]
+
+
+def general_forgetting(retriever, dataset, relevance, cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """Forgetting on each general-domain style of the query modality, and their mean
+    (``--eval-general-after``)."""
+    styles = general_domain_styles(retriever.modality)
+    if not styles:
+        raise ValueError(f"no general-domain style shifts {retriever.modality} queries")
+    out = {s: shift_forgetting(retriever, dataset, relevance, cfg, s) for s in styles}
+    after = sum(f["r1_after"] for f in out.values()) / len(styles)
+    source = sum(f["r1_source"] for f in out.values()) / len(styles)
+    out["mean"] = {"r1_after": round(after, 2), "r1_source": round(source, 2),
+                   "forgetting": round(after - source, 2)}
+    return out
 
 
 def write_json(path: str, obj) -> None:

@@ -23,7 +23,7 @@ from .composed import build_query_shift, rank_queries
 from .config import RunConfig
 from .gallery import encode_gallery, load_source, weights_digest
 from .gallery_index import ExactIndex, build_index, recall_at_k
-from .report import clean_forgetting, format_table, json_safe, summarise
+from .report import clean_forgetting, format_table, general_forgetting, json_safe, summarise
 from .retriever import Retriever
 from .rundir import RunDir
 from .stream import QueryItems, loader, query_order, skip_bad_images, stream_batches
@@ -54,6 +54,9 @@ def check_distributed(cfg: RunConfig, n_stream: int) -> None:
                          f"data-parallel runs yet; run it in one process")
     if cfg.eval_clean_after:
         raise ValueError("--eval-clean-after is not supported with several processes yet; run it in one process")
+    if cfg.eval_general_after:
+        raise ValueError("--eval-general-after is not supported with several processes yet; run it in one "
+                         "process")
     smallest = n_stream % cfg.batch_size or cfg.batch_size
     if min(cfg.batch_size, smallest) < world:
         raise ValueError(f"a batch of {min(cfg.batch_size, smallest)} queries cannot be split over {world} "
@@ -171,6 +174,8 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
         result["warnings"] = warnings
     if cfg.eval_clean_after:
         result["forgetting"] = clean_forgetting(retriever, dataset, relevance, cfg)
+    if cfg.eval_general_after:
+        result["forgetting_general"] = general_forgetting(retriever, dataset, relevance, cfg)
     result["seconds"] = round(time.time() - t_start, 2)
     if rundir:
         rundir.write_result(result, format_table([result]))
