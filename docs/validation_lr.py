@@ -69,7 +69,7 @@ def markdown(c: dict) -> str:
     lines.append("| **mean of the adapting methods** | " + " | ".join(
         f"**{over[lr]:.2f}**" if lr == c["chosen_lr"] else f"{over[lr]:.2f}" for lr in rates) + " | |")
     if c["source_mean_r1"] is not None:
-        lines.append(f"| source (no adaptation) | " + " | ".join(f"{c['source_mean_r1']:.2f}" for _ in rates) + " | |")
+        lines.append("| source (no adaptation) | " + " | ".join(f"{c['source_mean_r1']:.2f}" for _ in rates) + " | |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,114 @@
+"""Choose REST's design from a finished ``validation-rest-design`` bench run (validation shifts only).
+
+    queryshift bench --suite validation-rest-design --out runs/validation-rest-design --jobs 2
+    python docs/validation_rest_design.py runs/validation-rest-design [--json docs/validation-rest-design.json]
+
+The rule, fixed before the suite ran (issue 11: "by mean R@1 in both directions plus forgetting"): for every
+variant, ``score = mean R@1 + mean forgetting``, both averaged over the suite's eight validation queries (five
+single shifts in both directions and three validation streams; forgetting = clean R@1 with the adapted
+parameters after the run minus clean R@1 with the source parameters, so it is <= 0 when adaptation forgets).
+The REST variant with the best score gives REST's defaults. The script also prints, for each variant, the
+issue's bars measured against TCR on the validation streams (stream R@1 >= TCR + 1, forgetting at most half
+of TCR's) and the observation-4 diagnostics (angle between the adaptation and knowledge gradients, fraction of
+tensors in conflict). Prints Markdown; writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_runs(out: str) -> dict[str, dict[str, dict]]:
+    """variant label -> query label -> {r1, forgetting, grad_angle, conflict_frac} from the bench results."""
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    table = defaultdict(dict)
+    for run in results["runs"]:
+        labels = run["labels"]
+        logged = run.get("log_means") or {}
+        table[labels["variant"]][labels["query"]] = {
+            "r1": run["r1"], "forgetting": (run.get("forgetting") or {}).get("forgetting"),
+            "grad_angle": logged.get("grad_angle"), "conflict_frac": logged.get("conflict_frac"),
+        }
+    return table
+
+
+def summarise(table: dict[str, dict[str, dict]]) -> dict:
+    queries = list(next(iter(table.values())))
+    streams = [q for q in queries if "(val)" in q]
+    rows = {}
+    for variant, runs in table.items():
+        missing = [q for q in queries if q not in runs]
+        if missing:
+            raise SystemExit(f"{variant}: runs missing for {missing}; finish the suite first")
+        r1 = float(np.mean([runs[q]["r1"] for q in queries]))
+        forget = [runs[q]["forgetting"] for q in queries]
+        forgetting = float(np.mean(forget)) if None not in forget else None
+        rows[variant] = {
+            "mean_r1": r1, "mean_forgetting": forgetting,
+            "score": r1 + forgetting if forgetting is not None else None,
+            "stream_r1": float(np.mean([runs[q]["r1"] for q in streams])),
+            "stream_forgetting": float(np.mean([runs[q]["forgetting"] for q in streams])),
+            "single_r1": float(np.mean([runs[q]["r1"] for q in queries if q not in streams])),
+            "grad_angle": _mean_of(runs[q]["grad_angle"] for q in queries),
+            "conflict_frac": _mean_of(runs[q]["conflict_frac"] for q in queries),
+            "r1": {q: runs[q]["r1"] for q in queries}, "forgetting": {q: runs[q]["forgetting"] for q in queries},
+        }
+    tcr = rows.get("tcr")
+    for row in rows.values():
+        if tcr:
+            row["stream_r1_minus_tcr"] = row["stream_r1"] - tcr["stream_r1"]
+            row["forgetting_ratio_to_tcr"] = (row["stream_forgetting"] / tcr["stream_forgetting"]
+                                              if tcr["stream_forgetting"] < 0 else None)
+    candidates = {v: r for v, r in rows.items() if v.startswith("rest") and r["score"] is not None}
+    chosen = max(candidates, key=lambda v: candidates[v]["score"])
+    return {"queries": queries, "streams": streams, "variants": rows, "chosen": chosen}
+
+
+def _mean_of(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _f(v, signed=False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.2f}" if signed else f"{v:.2f}"
+
+
+def markdown(s: dict) -> str:
+    head = ("| variant | mean R@1 | mean forgetting | **score** | single shifts R@1 | streams R@1 | streams R@1 - TCR "
+            "| streams forgetting | / TCR's | angle (deg) | conflict frac |")
+    lines = [head, "|---|" + "---|" * 10]
+    for v, r in sorted(s["variants"].items(), key=lambda kv: -(kv[1]["score"] or -1e9)):
+        name = f"**{v}** (chosen)" if v == s["chosen"] else v
+        lines.append(f"| {name} | {_f(r['mean_r1'])} | {_f(r['mean_forgetting'], True)} | {_f(r['score'])} | "
+                     f"{_f(r['single_r1'])} | {_f(r['stream_r1'])} | {_f(r.get('stream_r1_minus_tcr'), True)} | "
+                     f"{_f(r['stream_forgetting'], True)} | {_f(r.get('forgetting_ratio_to_tcr'))} | "
+                     f"{_f(r['grad_angle'])} | {_f(r['conflict_frac'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="the bench output directory of the validation-rest-design suite")
+    parser.add_argument("--json", default=os.path.join(HERE, "validation-rest-design.json"))
+    args = parser.parse_args()
+    summary = summarise(read_runs(args.out))
+    with open(args.json, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"{len(summary['queries'])} validation queries ({len(summary['streams'])} streams); "
+          f"score = mean R@1 + mean forgetting\n")
+    print(markdown(summary))
+    print(f"\nchosen: {summary['chosen']} (wrote {args.json})")
+
+
+if __name__ == "__main__":
+    main()
