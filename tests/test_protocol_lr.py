@@ -71,3 +71,21 @@ def test_a_run_uses_the_backbone_rate(tmp_path, monkeypatch, direction):
                            direction=direction, batch_size=4, steps=1, cache_dir=str(tmp_path / "c"),
                            progress=False))
     assert result["lr"] == 5e-3 and result["config"]["lr"] == 5e-3
+
+
+def test_bench_refuses_runs_made_under_other_method_defaults(tmp_path, capsys, monkeypatch):
+    from queryshift import methods
+
+    data = make_karpathy(tmp_path / "d", n_images=6, captions=2)
+    argv = ["bench", "--model", TINY, "--data", data, "--image-root", str(tmp_path / "d"), "--methods", "tent",
+            "--shifts", "clean", "--directions", "i2t", "--batch-size", "4", "--steps", "1",
+            "--out", str(tmp_path / "bench"), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert cli_main(argv) == 0
+    (path,) = (tmp_path / "bench").glob("runs/grid/*/result.json")
+    tent = methods.get("tent")
+    assert json.loads(path.read_text())["hparams"] == tent.defaults  # the defaults in force are recorded
+    assert cli_main(argv) == 0
+    key = next(iter(tent.defaults))
+    monkeypatch.setitem(tent.defaults, key, tent.defaults[key] * 2)  # a default changes later
+    assert cli_main(argv) == 2
+    assert f"other tent hyper-parameters (its defaults changed since: {key} " in capsys.readouterr().err

@@ -196,6 +196,18 @@ def _source_weights(model: str, seed: int, device: str) -> str:
     return source_weights(model, seed, device)
 
 
+def _hparams_changed(saved: dict | None, cfg: RunConfig) -> list[str]:
+    """Hyper-parameters in which a finished run's method (defaults included) differs from what ``cfg`` would
+    use now. Runs written before results recorded them cannot be checked and pass, as without weights."""
+    if saved is None:
+        return []
+    from .. import methods
+
+    now = json.loads(json.dumps({**methods.get(cfg.method).defaults, **cfg.hparams}))
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(saved))
+            if saved.get(k) != now.get(k)]
+
+
 def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any]:
     """One grid point: read a finished result back, resume an interrupted one, or run it."""
     result_path = os.path.join(run_dir, "result.json")
@@ -211,6 +223,10 @@ def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any
         if changed:  # a suite edited since: never report a stale run under the new settings
             raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(changed)}); "
                              f"remove it or choose another --out")
+        changed = _hparams_changed(result.get("hparams"), cfg)
+        if changed:
+            raise ValueError(f"{run_dir} holds a finished run made with other {cfg.method} hyper-parameters (its "
+                             f"defaults changed since: {', '.join(changed)}); remove it or choose another --out")
         if "model_weights" in result and result["model_weights"] != _source_weights(cfg.model, cfg.seed, cfg.device):
             raise ValueError(f"{run_dir} holds a finished run of other {cfg.model} weights (retrained or replaced "
                              f"since); remove it or choose another --out")

@@ -163,6 +163,7 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
         return {"rank": distributed.rank()}
     result = summarise(cfg, rows, dataset, shift, bad_items)
     result["model_weights"] = weights
+    result["hparams"] = dict(retriever.method.hp)  # defaults included: a method's defaults may change later
     if distributed.active():
         result["world_size"] = distributed.world_size()
     if index is not None:
