@@ -53,7 +53,8 @@ def make_queries(store: np.ndarray, n: int, seed: int) -> tuple[torch.Tensor, li
     x = store[targets].astype(np.float32) + 0.5 / np.sqrt(store.shape[1]) * rng.standard_normal(
         (n, store.shape[1]), np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return torch.from_numpy(x), [[int(t)] for t in targets]
+    # float32 as a query tower emits (NumPy promotes x to float64 through the float64 noise scale above)
+    return torch.from_numpy(x.astype(np.float32)), [[int(t)] for t in targets]
 
 
 def main() -> None:
