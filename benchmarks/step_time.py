@@ -1,5 +1,7 @@
 """Step time of each method relative to ``source`` and to one forward+backward of the query tower.
 
+Methods: source, tent, tcr, rest (its defaults) and rest with ``know=reliable`` and ``know=anchors``.
+
 For each backbone, one batch of real shifted queries (``--shift``) is adapted on again and again with
 ``steps=1``; every round times one step of each method in turn (source, the floor, tent, tcr, rest), so
 that machine noise hits all alike, and the medians are compared. The floor is what any gradient method
@@ -28,7 +30,7 @@ from queryshift.data import load_dataset
 from queryshift.engine import encode_all, load_source
 from queryshift.engine.stream import QueryItems, collate, to_model_input
 
-METHODS = ("source", "tent", "tcr", "rest")
+METHODS = ("source", "tent", "tcr", "rest", "rest:know=reliable", "rest:know=anchors")
 
 
 def query_batch(model, dataset, modality: str, batch_size: int, shift: str):
@@ -64,7 +66,9 @@ def measure(spec: str, batch_size: int, rounds: int, warmup: int, direction: str
         model = load_source(spec, 0)  # the same seeded weights for every method
         if gallery is None:  # encoded once per backbone
             gallery = encode_all(model, dataset, "text" if modality == "image" else "image", batch_size=256)
-        method = methods.get(name)(model, gallery, modality, methods.AdaptConfig(steps=1))
+        method_name, _, option = name.partition(":")  # "rest:know=reliable": rest with that hyper-parameter
+        hparams = dict([option.split("=")]) if option else {}
+        method = methods.get(method_name)(model, gallery, modality, methods.AdaptConfig(steps=1, hparams=hparams))
         runners[name] = method.step
     floor, params = floor_model(spec, modality)
     batch = query_batch(floor, dataset, modality, batch_size, shift)
@@ -100,17 +104,21 @@ def main() -> None:
         backbones.append(("openclip:ViT-B-16/random", args.big_batch_size, args.big_rounds))
     result: dict = {"threads": args.threads, "direction": args.direction, "shift": shift}
     print(f"median step time, steps=1, {args.threads} threads, {args.direction}, shift {shift}")
-    print("| backbone | batch | method | ms/step | x source | x fwd+bwd |")
-    print("|---|---|---|---|---|---|")
+    print("| backbone | batch | method | ms/step | x source | x fwd+bwd | x tcr |")
+    print("|---|---|---|---|---|---|---|")
     for spec, batch_size, rounds in backbones:
         med = measure(spec, batch_size, rounds, args.warmup if spec == "shapes-clip" else 2, args.direction, shift)
         for name in ("fwd+bwd", *METHODS):
             print(f"| {spec} | {batch_size} | {name} | {1000 * med[name]:.1f} | {med[name] / med['source']:.2f} | "
-                  f"{med[name] / med['fwd+bwd']:.2f} |")
+                  f"{med[name] / med['fwd+bwd']:.2f} | {med[name] / med['tcr']:.2f} |")
         result[spec] = {"batch": batch_size, "rounds": rounds,
                         **{f"{k}_ms": round(1000 * v, 2) for k, v in med.items()}}
         if spec == "shapes-clip":
             result["rest_over_tcr"] = round(med["rest"] / med["tcr"], 3)
+            for name in METHODS:
+                if name.startswith("rest:"):  # REST's other knowledge objectives, e.g. rest_know_reliable_over_tcr
+                    key = name.replace(":", "_").replace("=", "_")
+                    result[f"{key}_over_tcr"] = round(med[name] / med["tcr"], 3)
             result["tcr_over_fwdbwd"] = round(med["tcr"] / med["fwd+bwd"], 3)
     print(json.dumps(result))
 

@@ -107,12 +107,173 @@ def rank_scores(scores: torch.Tensor, relevant: Sequence[Sequence[int]],
     return _positions_to_metrics(positions, mask)
 
 
+# screened ranking: a row with more band columns than this (or 1/32 of the chunk) is settled by one fp32
+# matmul over the chunk; exact pair scores are computed PAIR_PIECE pairs at a time (2 x 16k x d floats)
+PAIR_ROW_LIMIT = 64
+PAIR_PIECE = 16384
+# bf16 unit roundoff (8 significant bits): rounding x to bf16 moves it by at most |x| * 2**-8
+BF16_ROUNDOFF = 2.0 ** -8
+
+
+def bf16_screen_available(device: torch.device) -> bool:
+    """A CPU whose oneDNN bf16 matmul runs on AMX / AVX512-BF16 (there it is several times faster than fp32).
+
+    Elsewhere (GPUs, CPUs without native bf16) :func:`rank_gallery` scores every chunk in the queries' dtype.
+    """
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def screen_error_bound(d: int) -> float:
+    """Coefficient c with |bf16 screening score - fp32 score| <= c * ||q|| * ||g|| for d-dimensional vectors.
+
+    Screening rounds q and g to bf16 (u = 2**-8 each), multiplies with fp32 accumulation (error gamma_d =
+    d * 2**-24 of sum |q_i g_i|) and rounds the product to bf16 (u again); the fp32 reference carries its own
+    gamma_d. Summed: (2u + u^2) + 2u(1+u)^2(1+gamma) + gamma((1+u)^2 + 1), each times sum |q_i g_i| <=
+    ||q|| ||g||. The factor 2 on top is a safety margin: a wider band only sends more columns to the exact
+    check, it never changes a rank.
+    """
+    u, gamma = BF16_ROUNDOFF, d * 2.0 ** -24
+    return 2.0 * ((2 * u + u * u) + 2 * u * (1 + u) ** 2 * (1 + gamma) + gamma * ((1 + u) ** 2 + 1))
+
+
+def round_to_float32(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """fp64 -> the nearest fp32 value on the given side (so a band only ever gets wider)."""
+    y = x.float()
+    side = torch.full_like(y, torch.inf if up else -torch.inf)
+    wrong = (y.double() < x) if up else (y.double() > x)
+    return torch.where(wrong, torch.nextafter(y, side), y)
+
+
+def pair_scores(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """fp64 dot products of matching rows (P x d each): the reference score of a (query, item) pair.
+
+    The product of an fp32 query value and an fp16/fp32 gallery value is exact in fp64 and the sum of d of
+    them is off by at most d * 2**-53 relative: these are the scores' true order up to far below fp32
+    rounding, independent of any BLAS kernel's summation order. Always the same elementwise product and row
+    sum, so duplicate gallery rows tie exactly and a relevant item ties with itself.
+    """
+    return (queries.double() * rows.double()).sum(dim=1)
+
+
 @torch.no_grad()
 def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, relevant: Sequence[Sequence[int]],
-                 chunk: int | None = None) -> tuple[list[int], list[float]]:
+                 chunk: int | None = None, screen: bool | None = None) -> tuple[list[int], list[float]]:
     """Best rank and AP of every query against ``gallery`` (N x d, any float dtype, may be memory-mapped
     on the host) without materialising the B x N scores: chunk by chunk, scores in the queries' dtype on
     the queries' device.
+
+    ``screen`` (default: on for fp32 queries on a CPU with native bf16, see :func:`bf16_screen_available`)
+    scores each chunk in bf16 first and settles every column whose bf16 score is farther than the proven
+    error bound (:func:`screen_error_bound`) from a relevant item's fp32 score; only the columns inside the
+    band are scored again in fp32 (:func:`pair_scores`). The ranks are those of the fp32 scores: the bf16
+    pass only decides which columns need them.
+    """
+    if screen is None:
+        screen = queries.dtype == torch.float32 and bf16_screen_available(queries.device)
+    if screen:
+        return _rank_gallery_screened(queries, gallery, relevant, chunk)
+    return _rank_gallery_direct(queries, gallery, relevant, chunk)
+
+
+def _gather_rows(gallery: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return gallery[idx.cpu() if gallery.device.type == "cpu" else idx]
+
+
+def _rank_gallery_screened(queries: torch.Tensor, gallery: torch.Tensor, relevant: Sequence[Sequence[int]],
+                           chunk: int | None) -> tuple[list[int], list[float]]:
+    """Two screens, then exact pairs. Per chunk: bf16 scores settle most columns; a row whose relevant score
+    sits in a crowd (many columns in the bf16 band) is rescored by an fp32 matmul, whose band is ~250x
+    narrower; the columns still in a band get fp64 pair scores. After a chunk where most rows were crowded,
+    the next chunks skip the bf16 screen (it would settle little) and start with fp32."""
+    device = queries.device
+    n, d = gallery.shape
+    rel_idx, mask = pad_relevant(relevant, device, n)
+    b, m = rel_idx.shape
+    q32 = queries.float()
+    rel_scores = pair_scores(q32.repeat_interleave(m, 0), _gather_rows(gallery, rel_idx.reshape(-1)).to(device))
+    rel_scores = rel_scores.view(b, m)  # B x M fp64 reference scores of the relevant items
+    q_bf16 = q32.to(torch.bfloat16)
+    q_norm = q32.norm(dim=1, keepdim=True).double() * (1 + 1e-6)
+    lowest = rel_scores.masked_fill(~mask, torch.inf).amin(dim=1)  # a row with nothing near this is done
+    step = chunk_size(b, m, chunk)
+    positions = torch.zeros(b, m, dtype=torch.int32, device=device)
+    g_buffer = torch.empty(min(step, n), d, dtype=torch.bfloat16, device=device)  # reused: no page faults
+    bf16_first = True
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        g16 = gallery[start:stop].to(device)
+        cols = torch.arange(start, stop, device=device)
+        if bf16_first:
+            g_bf16 = g_buffer[: stop - start].copy_(g16)
+            # ||g|| <= ||bf16(g)|| / (1 - u), and the bf16 norm (fp32 accumulation) is rounded once more by u
+            g_norm = torch.linalg.vector_norm(g_bf16, dim=1).amax().double() * (1 + 4 * BF16_ROUNDOFF)
+            approx = q_bf16 @ g_bf16.T  # B x C bf16 scores
+            err = screen_error_bound(d) * q_norm * g_norm  # B x 1
+            rows = _maybe_ahead(approx, lowest, err)
+            if rows.numel() == 0:
+                continue
+            band = _settle(approx[rows].float(), err[rows], rel_scores[rows], positions, rows, None)
+            crowded = band.sum(dim=(1, 2)) > max(PAIR_ROW_LIMIT, (stop - start) // 32)
+            bf16_first = int(crowded.sum()) * 2 <= b
+            if crowded.any():
+                h = crowded.nonzero().squeeze(1)
+                g32 = g16.float()
+                g_norm32 = torch.linalg.vector_norm(g32, dim=1).amax().double() * (1 + 1e-6)
+                band[h] = _settle(q32[rows[h]] @ g32.T, fp32_error_bound(d) * q_norm[rows[h]] * g_norm32,
+                                  rel_scores[rows[h]], positions, rows[h], band[h])
+        else:
+            g32 = g16.float()
+            g_norm32 = torch.linalg.vector_norm(g32, dim=1).amax().double() * (1 + 1e-6)
+            approx = q32 @ g32.T
+            err = fp32_error_bound(d) * q_norm * g_norm32
+            rows = _maybe_ahead(approx, lowest, err)
+            if rows.numel() == 0:
+                continue
+            band = _settle(approx[rows], err[rows], rel_scores[rows], positions, rows, None)
+        amb = band.nonzero()  # (row, item, column) triples in a band: fp64 pair scores decide
+        for piece in amb.split(PAIR_PIECE):
+            r, j, c = rows[piece[:, 0]], piece[:, 1], piece[:, 2]
+            exact = pair_scores(q32[r], g16[c])
+            t, col, item = rel_scores[r, j], cols[c], rel_idx[r, j]
+            ahead = (exact > t) | ((exact == t) & (col < item))
+            positions.index_put_((r, j), ahead.int(), accumulate=True)
+    return _positions_to_metrics(positions, mask)
+
+
+def fp32_error_bound(d: int) -> float:
+    """Coefficient c with |fp32 matmul score - exact score| <= c * ||q|| * ||g|| (gamma_d = d u32 / (1 - d u32),
+    u32 = 2**-24, times a safety factor 2; fp32 queries and fp16/fp32 gallery values are exact in fp32)."""
+    u = 2.0 ** -24
+    return 2.0 * d * u / (1 - d * u)
+
+
+def _maybe_ahead(approx: torch.Tensor, lowest: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """Rows of a chunk that may hold a column at or above one of their relevant scores (others add nothing)."""
+    return (approx.amax(dim=1).double() >= lowest - err.squeeze(1)).nonzero().squeeze(1)
+
+
+def _settle(approx: torch.Tensor, err: torch.Tensor, rel_scores: torch.Tensor, positions: torch.Tensor,
+            rows: torch.Tensor, within: torch.Tensor | None) -> torch.Tensor:
+    """Count the columns of ``approx`` (R x C, each within ``err`` (R x 1) of its exact score) that are surely
+    ahead of each relevant score (R x M); return the R x M x C band the approximation cannot settle.
+    ``within``: only these columns are still open (a coarser screen settled the others)."""
+    hi = round_to_float32(rel_scores + err, up=True).unsqueeze(2)  # R x M x 1: the band rounded outwards
+    lo = round_to_float32(rel_scores - err, up=False).unsqueeze(2)
+    s = approx.unsqueeze(1)  # R x 1 x C
+    above, band = s > hi, (s >= lo) & (s <= hi)
+    if within is not None:
+        above, band = above & within, band & within
+    positions[rows] += above.sum(dim=2, dtype=torch.int32)
+    return band
+
+
+def _rank_gallery_direct(queries: torch.Tensor, gallery: torch.Tensor, relevant: Sequence[Sequence[int]],
+                         chunk: int | None) -> tuple[list[int], list[float]]:
+    """Every chunk scored by one matmul in the queries' dtype.
 
     A relevant item's own score is computed once (the dot product with its gallery row) and it is not
     compared with itself, so its rank is exact for that score even if a chunked matmul rounds differently.

@@ -18,6 +18,7 @@ import torch
 
 from .. import distributed
 from ..models.base import DualEncoder
+from .components import one_thread
 from .hparams import HP, validate_hparams
 
 
@@ -180,14 +181,17 @@ class Method:
         loss.backward()
         distributed.average_gradients(self.params)  # identity in one process
         grads = [p.grad for p in self.params if p.grad is not None]
-        # one stacked check, read once (not one device sync per parameter tensor)
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        with one_thread():  # parameter-sized ops: see components.one_thread
+            # one stacked check, read once (not one device sync per parameter tensor)
+            finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            if finite:
+                self.optimizer.step()
+        if not finite:
             if self.config.on_nonfinite == "raise":
                 raise NonFiniteLossError(f"{self.name}: non-finite gradient at batch {self.batch_index}")
             info["skipped"] = "nonfinite-grad"
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        self.optimizer.step()
         return True
 
     def build_optimizer(self) -> torch.optim.Optimizer:
@@ -231,13 +235,14 @@ class Method:
 
     @contextmanager
     def _swapped(self, values: dict[str, torch.Tensor]):
-        saved = {n: p.detach().clone() for n, p in self.named_params}
+        with one_thread():
+            saved = {n: p.detach().clone() for n, p in self.named_params}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), one_thread():
                 for n, p in self.named_params:
                     p.copy_(values[n])
             yield
         finally:
-            with torch.no_grad():
+            with torch.no_grad(), one_thread():
                 for n, p in self.named_params:
                     p.copy_(saved[n])

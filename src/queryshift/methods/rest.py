@@ -237,10 +237,11 @@ class REST(Method):
         g_adapt = C.grads_of(loss, self.params, retain_graph=True)
         g_know = C.grads_of(l_know, self.params)
         mode = "off" if self.hp["decouple_after"] == "optimizer" else self.hp["decouple"]
-        grads, diag = C.decouple_gradients(g_adapt, g_know, mode, self.hp["lambda_k"],
-                                           margin_deg=self.hp["margin_deg"], keep=self.hp["keep"])
-        info.update(diag)
-        return C.surrogate_loss(loss, self.params, grads), g_know
+        with C.one_thread():  # parameter-sized ops only (components.one_thread)
+            grads, diag = C.decouple_gradients(g_adapt, g_know, mode, self.hp["lambda_k"],
+                                               margin_deg=self.hp["margin_deg"], keep=self.hp["keep"])
+            info.update(diag)
+            return C.surrogate_loss(loss, self.params, grads), g_know
 
     @torch.no_grad()
     def _project_update(self, before, g_know, info):
