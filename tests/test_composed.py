@@ -191,6 +191,26 @@ def test_train_combiner_learns_and_its_file_is_a_composer(tmp_path, capsys):
         compose(load_model(MODEL), f"combiner:{out}")
 
 
+def test_train_combiner_step_budget_and_validation_curve(tmp_path):
+    """--steps fixes the optimisation budget whatever the training-set size; --eval-every records the curve."""
+    out = tmp_path / "comb.pt"
+    assert cli_main(["train-combiner", "--data", "shapes-cir:train:40", "--val-data", "shapes-cir:train:40",
+                     "--steps", "5", "--eval-every", "2", "--batch-size", "16", "--negatives", "32",
+                     "--hard-negatives", "2", "--out", str(out), "--cache-dir", str(tmp_path), "--no-progress",
+                     "--proj-dim", "16", "--hidden-dim", "16"]) == 0
+    meta = json.loads((tmp_path / "comb.json").read_text())
+    # 40 queries in batches of 16 are 3 steps an epoch: 5 steps end inside the second epoch, as asked
+    assert [point["step"] for point in meta["val_curve"]] == [2, 4, 5]
+    assert meta["steps"] == 5 and meta["train_queries"] == 40
+    # the curve's last point is the trained combiner before its fp16 rounding: the shipped recall, up to a query
+    assert abs(meta["val_curve"][-1]["r10"] - meta["val_clean"]["r10"]) <= 100 / 40 + 1e-6
+
+
+def test_train_combiner_refuses_a_non_positive_step_budget(tmp_path, capsys):
+    assert cli_main(["train-combiner", "--steps", "0", "--out", str(tmp_path / "c.pt"), "--no-progress"]) == 2
+    assert "--steps must be a positive number" in capsys.readouterr().err
+
+
 def test_train_combiner_refuses_non_composed_data(tmp_path, capsys):
     assert cli_main(["train-combiner", "--data", "shapes:test:10", "--out", str(tmp_path / "c.pt"),
                      "--no-progress"]) == 2

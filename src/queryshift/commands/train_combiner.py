@@ -1,7 +1,7 @@
 """``queryshift train-combiner``: train a gated-fusion combiner on top of a frozen backbone.
 
-This is how the shipped ``shapes-cir`` combiner was made (``--model shapes-clip --data shapes-cir:train``, the
-defaults): the backbone stays frozen, so its embeddings of every gallery image and modification text are
+This is how the shipped ``shapes-cir`` combiner was made (``--model shapes-clip --data shapes-cir:train:12000``,
+the defaults): the backbone stays frozen, so its embeddings of every gallery image and modification text are
 computed once (and cached on disk by model weights and data), and training only touches the small combiner.
 The loss is a multi-positive contrastive loss: each composed query should score its target images (every
 image that satisfies it) above the other images, its reference excluded as in the evaluation. To keep a step
@@ -33,11 +33,18 @@ def add_parser(subparsers) -> None:
                     "embeddings on a frozen backbone and a composed dataset; writes an fp16 file for "
                     "'--composer combiner:<file>' plus <out>.json with the recipe and validation recall.")
     p.add_argument("--model", default="shapes-clip", help="frozen backbone (default shapes-clip)")
-    p.add_argument("--data", default="shapes-cir:train", help="composed training data (default shapes-cir:train)")
+    p.add_argument("--data", default="shapes-cir:train:12000",
+                   help="composed training data (default shapes-cir:train:12000, the shipped combiner's; "
+                        "shapes-cir:train has 60,000 queries)")
     p.add_argument("--val-data", dest="val_data", default="shapes-cir:val",
                    help="composed validation data, reported at the end (default shapes-cir:val)")
     p.add_argument("--image-root", dest="image_root", help="folder the training data's image paths are relative to")
-    p.add_argument("--epochs", type=int, default=40, help="passes over the training queries (default 40, as shipped)")
+    p.add_argument("--epochs", type=int, default=40, help="passes over the training queries (default 40)")
+    p.add_argument("--steps", type=int,
+                   help="optimisation steps instead of --epochs (a budget that does not grow with the training set)")
+    p.add_argument("--eval-every", dest="eval_every", type=int, default=0,
+                   help="also measure validation R@1/5/10/50 every N steps (the 'val_curve' of <out>.json; "
+                        "default 0: only at the end)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="default 256")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=1e-4, help="default 1e-4")
@@ -78,10 +85,11 @@ def multi_positive_loss(q: torch.Tensor, gallery: torch.Tensor, positives: torch
 
 
 @torch.no_grad()
-def hard_negatives(dataset, images: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+def hard_negatives(dataset, images: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
     """Q x k: for each query, the k gallery images most similar to its first target that are neither targets
     nor excluded (near misses: the scenes one wrong edit away look like the target)."""
     queries = len(dataset.references)
+    chunk = chunk or max(1, min(1024, 2 ** 25 // max(1, len(images))))  # a chunk x gallery block stays <= 128 MB
     out = torch.empty(queries, k, dtype=torch.long)
     for start in range(0, queries, chunk):
         rows = range(start, min(start + chunk, queries))
@@ -134,45 +142,31 @@ def evaluate(composer, images: torch.Tensor, texts: torch.Tensor, dataset) -> di
     return {f"r{k}": round(recall_at_k(ranks, k), 2) for k in (1, 5, 10, 50)}
 
 
-def main(args) -> int:
-    from ..data import ComposedDataset, load_dataset
-    from ..engine import weights_digest
-    from ..models import load_model
-    from ..models.composed import GatedCombiner, SumComposer, save_combiner
+def train(combiner, dataset, images: torch.Tensor, texts: torch.Tensor, args,
+          validate=None) -> tuple[list[float], list[dict]]:
+    """Train ``combiner`` in place on frozen embeddings; returns (the last epoch's losses, the validation curve).
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
-    model = load_model(args.model)
-    model = getattr(model, "base", model)  # a composed alias trains a new combiner for its backbone
-    base_weights = weights_digest(model)
-    train, val = (load_dataset(d, args.image_root) for d in (args.data, args.val_data))
-    for name, d in ((args.data, train), (args.val_data, val)):
-        if not isinstance(d, ComposedDataset):
-            raise ValueError(f"--data/--val-data {name!r} is not a composed dataset "
-                             "(shapes-cir, cirr:..., fashioniq:...)")
-    images, texts = frozen_embeddings(model, train, args.cache_dir, args.progress)
-    val_images, val_texts = frozen_embeddings(model, val, args.cache_dir, args.progress)
-    t_embed = time.time() - t0
-
-    torch.manual_seed(args.seed)
-    combiner = GatedCombiner(images.shape[1], args.proj_dim, args.hidden_dim, args.dropout)
+    The budget is ``args.steps`` steps when given, else ``args.epochs`` passes; the cosine schedule spans it.
+    ``validate()`` (validation recall of the combiner) is called every ``args.eval_every`` steps if both are set.
+    """
     opt = torch.optim.AdamW(combiner.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    n = len(train.references)
+    n = len(dataset.references)
     steps_per_epoch = math.ceil(n / args.batch_size)
-    total = args.epochs * steps_per_epoch
+    total = args.steps if args.steps else args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    refs = torch.tensor(train.references)
+    refs = torch.tensor(dataset.references)
     gen = torch.Generator().manual_seed(args.seed)
-    hard = hard_negatives(train, images, args.hard_negatives) if args.hard_negatives > 0 else None
-    t1 = time.time()
-    for epoch in range(args.epochs):
+    hard = hard_negatives(dataset, images, args.hard_negatives) if args.hard_negatives > 0 else None
+    step, epoch, losses, curve = 0, 0, [], []
+    while step < total:
         combiner.train()
         order = torch.randperm(n, generator=gen).tolist()
         losses = []
         for start in range(0, n, args.batch_size):
+            if step == total:
+                break
             batch = order[start:start + args.batch_size]
-            index, positives, excluded = candidates(train, batch, hard, args.negatives, len(images), gen)
+            index, positives, excluded = candidates(dataset, batch, hard, args.negatives, len(images), gen)
             q = combiner(images[refs[batch]], texts[batch])
             loss = multi_positive_loss(q, images[index], positives, excluded, args.temperature)
             opt.zero_grad(set_to_none=True)
@@ -180,20 +174,61 @@ def main(args) -> int:
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            step += 1
+            if validate is not None and args.eval_every and (step % args.eval_every == 0 or step == total):
+                curve.append({"step": step, "loss": round(sum(losses) / len(losses), 4), **validate()})
+                combiner.train()
+                if args.progress:
+                    print(f"step {step}/{total}: val {curve[-1]}", file=sys.stderr)
+        epoch += 1
         if args.progress:
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {sum(losses) / len(losses):.4f}", file=sys.stderr)
+            print(f"epoch {epoch} (step {step}/{total}): loss {sum(losses) / len(losses):.4f}", file=sys.stderr)
+    return losses, curve
+
+
+def main(args) -> int:
+    from ..data import ComposedDataset, load_dataset
+    from ..engine import weights_digest
+    from ..models import load_model
+    from ..models.composed import GatedCombiner, SumComposer, save_combiner
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be a positive number of optimisation steps, got {args.steps}")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    model = load_model(args.model)
+    model = getattr(model, "base", model)  # a composed alias trains a new combiner for its backbone
+    base_weights = weights_digest(model)
+    train_data, val_data = (load_dataset(d, args.image_root) for d in (args.data, args.val_data))
+    for name, d in ((args.data, train_data), (args.val_data, val_data)):
+        if not isinstance(d, ComposedDataset):
+            raise ValueError(f"--data/--val-data {name!r} is not a composed dataset "
+                             "(shapes-cir, cirr:..., fashioniq:...)")
+    images, texts = frozen_embeddings(model, train_data, args.cache_dir, args.progress)
+    val_images, val_texts = frozen_embeddings(model, val_data, args.cache_dir, args.progress)
+    t_embed = time.time() - t0
+
+    torch.manual_seed(args.seed)
+    combiner = GatedCombiner(images.shape[1], args.proj_dim, args.hidden_dim, args.dropout)
+    t1 = time.time()
+    losses, curve = train(combiner, train_data, images, texts, args,
+                          lambda: evaluate(combiner, val_images, val_texts, val_data))
     t_train = time.time() - t1
     with torch.no_grad():  # measure what ships: the weights rounded to fp16 as save_combiner stores them
         combiner.load_state_dict({k: v.half().float() for k, v in combiner.state_dict().items()})
 
-    val_metrics = evaluate(combiner, val_images, val_texts, val)
-    sum_metrics = evaluate(SumComposer(), val_images, val_texts, val)
+    val_metrics = evaluate(combiner, val_images, val_texts, val_data)
+    sum_metrics = evaluate(SumComposer(), val_images, val_texts, val_data)
     meta = {
         "base_model": args.model, "base_weights": base_weights, "data": args.data, "val_data": args.val_data,
-        "epochs": args.epochs, "batch_size": args.batch_size, "negatives": args.negatives,
+        "train_queries": len(train_data.references), "epochs": args.epochs, "steps": args.steps,
+        "batch_size": args.batch_size, "negatives": args.negatives,
         "hard_negatives": args.hard_negatives, "lr": args.lr, "weight_decay": args.weight_decay,
         "temperature": args.temperature, "seed": args.seed, "threads": torch.get_num_threads(),
-        "final_loss": round(sum(losses) / len(losses), 4), "val_clean": val_metrics, "val_clean_sum": sum_metrics,
+        "final_loss": round(sum(losses) / len(losses), 4), "val_curve": curve, "val_clean": val_metrics,
+        "val_clean_sum": sum_metrics,
         "seconds_embeddings": round(t_embed, 1), "seconds_training": round(t_train, 1),
     }
     save_combiner(combiner, args.out, meta)

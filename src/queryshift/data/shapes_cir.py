@@ -26,8 +26,9 @@ import numpy as np
 from .composed import ComposedDataset
 from .shapes import CANVAS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, articles, render
 
-# split -> (seed, number of composed queries); the test split has 1,000 queries like shapes' test split
-SPLITS = {"train": (31_250_601, 12_000), "val": (31_250_603, 1_000), "test": (31_250_602, 1_000)}
+# split -> (seed, number of composed queries); the test split has 1,000 queries like shapes' test split; train is
+# large because the combiner overfits 12,000 queries (model card) and the frozen embeddings are computed once
+SPLITS = {"train": (31_250_601, 60_000), "val": (31_250_603, 1_000), "test": (31_250_602, 1_000)}
 MAX_OBJECTS = 3  # as in the shapes world the source model was trained on
 
 Obj = tuple[int, str, str, str]  # (cell 0..8, shape, colour, size)
