@@ -24,3 +24,15 @@ def make_karpathy(root, n_images: int = 8, captions: int = 2, size=(40, 48), nam
     with open(path, "w") as f:
         json.dump(entries, f)
     return path
+
+
+TINY_MODEL = "openclip:qs-tiny/random"
+
+
+def tiny_run_config(data_and_root, tmp_path, **kw):
+    """A RunConfig for the tiny random model on a generated dataset ``(json_path, image_root)``."""
+    from queryshift.engine import RunConfig
+
+    data, root = data_and_root
+    base = dict(model=TINY_MODEL, data=data, image_root=root, cache_dir=str(tmp_path / "cache"), progress=False)
+    return RunConfig(**{**base, **kw})

@@ -11,7 +11,7 @@ from queryshift.data import DataError
 from queryshift.engine import RunConfig, run
 from queryshift.methods.base import Method
 from queryshift.models import WeightsNotFoundError, load_model
-from tests.helpers import make_karpathy
+from tests.helpers import make_karpathy, tiny_run_config
 
 MODEL = "openclip:qs-tiny/random"
 
@@ -47,10 +47,7 @@ def karpathy(tmp_path):
     return make_karpathy(tmp_path / "data", n_images=8, captions=2), str(tmp_path / "data")
 
 
-def _cfg(karpathy, tmp_path, **kw):
-    data, root = karpathy
-    base = dict(model=MODEL, data=data, image_root=root, cache_dir=str(tmp_path / "cache"), progress=False)
-    return RunConfig(**{**base, **kw})
+_cfg = tiny_run_config
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])

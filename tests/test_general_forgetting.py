@@ -11,7 +11,7 @@ from queryshift.engine import RunConfig, run, settings_changed
 from queryshift.engine import report as report_module
 from queryshift.engine.rundir import RunDir, RunDirError
 from queryshift.engine.runner import check_distributed
-from tests.helpers import make_karpathy
+from tests.helpers import make_karpathy, tiny_run_config
 
 MODEL = "openclip:qs-tiny/random"
 STYLES = {"i2t": ["style:outline", "style:dark", "style:texture"], "t2i": ["style:synonyms", "style:templates"]}
@@ -22,10 +22,7 @@ def karpathy(tmp_path):
     return make_karpathy(tmp_path / "data", n_images=8, captions=2), str(tmp_path / "data")
 
 
-def _cfg(karpathy, tmp_path, **kw):
-    data, root = karpathy
-    base = dict(model=MODEL, data=data, image_root=root, cache_dir=str(tmp_path / "cache"), progress=False)
-    return RunConfig(**{**base, **kw})
+_cfg = tiny_run_config
 
 
 def test_general_styles_are_the_test_styles_of_the_query_modality():

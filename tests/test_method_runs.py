@@ -9,18 +9,15 @@ import torch.nn.functional as F
 
 from queryshift import methods, models
 from queryshift.data import load_dataset, pre_caption
-from queryshift.engine import RunConfig, run
+from queryshift.engine import run
 from queryshift.models.base import DualEncoder
-from tests.helpers import make_karpathy
+from tests.helpers import make_karpathy, tiny_run_config
 from tests.test_method_fidelity import STATEFUL, same
 
 MODEL = "openclip:qs-tiny/random"
 
 
-def _cfg(data, tmp_path, **kw):
-    path, root = data
-    base = dict(model=MODEL, data=path, image_root=root, cache_dir=str(tmp_path / "cache"), progress=False)
-    return RunConfig(**{**base, **kw})
+_cfg = tiny_run_config
 
 
 # -- resume ----------------------------------------------------------------------------------------
