@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from queryshift.engine import RunConfig, run
-from queryshift.engine.gallery_index import ExactIndex, build_index, parse_spec, recall_at_k
+from queryshift.engine.gallery_index import ExactIndex, build_index, build_key, parse_spec, recall_at_k
 from tests.helpers import make_karpathy
 
 faiss = pytest.importorskip("faiss")
@@ -34,6 +34,28 @@ def test_faiss_indexes_find_the_exact_neighbours(spec):
     recall = recall_at_k(approx.search(queries, 10)[1], exact)
     # flat and an IVF probing every list are exhaustive: only fp16 rounding can swap near-ties at rank 10
     assert recall >= (0.99 if "hnsw" not in spec else 0.95)
+
+
+def test_search_parameters_change_a_built_index_like_a_rebuild():
+    gallery, queries = clustered(2000, 32, 4), clustered(50, 32, 5)
+    assert build_key("faiss-ivf:nlist=32,nprobe=1") == build_key("faiss-ivf:nlist=32,nprobe=32")
+    assert build_key("faiss-ivf:nlist=32") != build_key("faiss-ivf:nlist=64")
+    assert build_key("faiss-hnsw:ef_search=8") == build_key("faiss-hnsw:ef_search=64") != build_key("faiss-hnsw:M=8")
+    index = build_index("faiss-ivf:nlist=32,nprobe=1", gallery.numpy())
+    one_list = index.search(queries, 10)[1]
+    index.set_search({"nprobe": 32})  # every list: exhaustive, as a fresh build with nprobe=32
+    rebuilt = build_index("faiss-ivf:nlist=32,nprobe=32", gallery.numpy())
+    assert torch.equal(index.search(queries, 10)[1], rebuilt.search(queries, 10)[1])
+    assert not torch.equal(one_list, index.search(queries, 10)[1])  # nprobe really changed the search
+
+
+def test_benchmark_splits_index_specs_at_kinds_only():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gallery_scale import split_specs
+    assert split_specs("faiss-ivf,faiss-ivf:nlist=4096,nprobe=8,faiss-hnsw:M=16,ef_search=64,faiss-flat") == [
+        "faiss-ivf", "faiss-ivf:nlist=4096,nprobe=8", "faiss-hnsw:M=16,ef_search=64", "faiss-flat"]
 
 
 def test_recall_at_k_counts_shared_indices():

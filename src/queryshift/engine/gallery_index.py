@@ -23,6 +23,8 @@ PARAMS = {
     "faiss-hnsw": {"M": 32, "ef_construction": 40, "ef_search": 128},
     "faiss-ivf": {"nlist": 0, "nprobe": 16, "train_size": 0},  # 0: chosen from the gallery size
 }
+# parameters that only change how a built index is searched (no rebuild): see FaissIndex.set_search
+SEARCH_PARAMS = {"faiss-hnsw": ("ef_search",), "faiss-ivf": ("nprobe",)}
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -125,6 +127,13 @@ class FaissIndex:
         self.index = index
         self.build_seconds = time.perf_counter() - t0
 
+    def set_search(self, params: dict) -> None:
+        """Change the search-time parameters (``nprobe``, ``ef_search``) of the built index."""
+        if "nprobe" in params and self.kind == "faiss-ivf":
+            self.index.nprobe = self.params["nprobe"] = int(params["nprobe"])
+        if "ef_search" in params and self.kind == "faiss-hnsw":
+            self.index.hnsw.efSearch = self.params["ef_search"] = int(params["ef_search"])
+
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores, idx = self.index.search(as_float32(queries), k)
@@ -143,6 +152,12 @@ def build_index(spec: str, gallery):
     if kind == "exact":
         return ExactIndex(gallery if isinstance(gallery, torch.Tensor) else torch.from_numpy(gallery), **params)
     return FaissIndex(kind, gallery, params)
+
+
+def build_key(spec: str) -> tuple:
+    """What the build of ``spec`` depends on: two specs with the same key differ only in search parameters."""
+    kind, params = parse_spec(spec)
+    return kind, tuple(sorted((k, v) for k, v in params.items() if k not in SEARCH_PARAMS.get(kind, ())))
 
 
 def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> float:
