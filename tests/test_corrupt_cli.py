@@ -91,3 +91,19 @@ def test_errors(karpathy, tmp_path):
     with pytest.raises(ValueError, match="unknown shift|corrupt writes"):
         _run(["--data", data, "--image-root", root, "--shift", "fogg:3", "--out", str(tmp_path / "o")])
     assert not os.path.exists(tmp_path / "o" / "COCO_IP_fog_3")
+
+
+def test_unreadable_image_is_skipped_the_rest_written_and_the_exit_status_says_so(karpathy, tmp_path, capsys):
+    data, root, entries = karpathy
+    broken = os.path.join(root, entries[1]["image"])
+    with open(broken, "wb") as f:
+        f.write(b"not a jpeg")
+    out = tmp_path / "out"
+    status = _run(["--data", data, "--image-root", root, "--shift", "pixelate:2", "--out", str(out)])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert entries[1]["image"].split("/")[-1] in err and "1 image(s)" in err
+    folder = out / "COCO_IP_pixelate_2"
+    assert (folder / entries[0]["image"]).exists() and (folder / entries[2]["image"]).exists()
+    assert not (folder / entries[1]["image"]).exists()
+

@@ -106,11 +106,16 @@ def main(args) -> int:
         jobs.append((modality, build_shift(spec, modality, args.seed, args.semantic_filter)))
     if any(m == "image" for m, _ in jobs) and not args.image_root:
         raise ValueError("image corruptions need --image-root (the folder the JSON's image paths live in)")
+    skipped = 0
     for modality, shift in jobs:
         if modality == "image":
-            write_images(args, shift)
+            skipped += write_images(args, shift)
         else:
             write_captions(args, shift)
+    if skipped:  # everything else was written; a script must still see that the set is incomplete
+        print(f"queryshift corrupt: {skipped} image(s) in all were not written (listed above); exit status 1",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -157,7 +162,8 @@ def _pil_format(ext: str) -> str:
     return Image.EXTENSION.get(ext, "PNG")
 
 
-def write_images(args, shift) -> None:
+def write_images(args, shift) -> int:
+    """Write the corrupted copy of every image; returns how many were skipped (unreadable or refused)."""
     from tqdm import tqdm
 
     from ..data import load_karpathy
@@ -187,6 +193,7 @@ def write_images(args, shift) -> None:
         print(f"skipped: {err}", file=sys.stderr)
     if errors:
         print(f"{shift.name}: {len(errors)} image(s) were skipped (unreadable, or refused as above)", file=sys.stderr)
+    return len(errors)
 
 
 def _unique_images(images: list[str]) -> list[int]:
