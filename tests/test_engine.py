@@ -11,7 +11,7 @@ from queryshift.data import DataError
 from queryshift.engine import RunConfig, run
 from queryshift.methods.base import Method
 from queryshift.models import WeightsNotFoundError, load_model
-from tests.helpers import make_karpathy, tiny_run_config
+from tests.helpers import tiny_run_config
 
 MODEL = "openclip:qs-tiny/random"
 
@@ -41,10 +41,6 @@ def entropy_method(monkeypatch):
     yield
     EntropyMin.fail_at_batch = None
 
-
-@pytest.fixture
-def karpathy(tmp_path):
-    return make_karpathy(tmp_path / "data", n_images=8, captions=2), str(tmp_path / "data")
 
 
 _cfg = tiny_run_config

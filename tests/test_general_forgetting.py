@@ -11,15 +11,11 @@ from queryshift.engine import RunConfig, run, settings_changed
 from queryshift.engine import report as report_module
 from queryshift.engine.rundir import RunDir, RunDirError
 from queryshift.engine.runner import check_distributed
-from tests.helpers import make_karpathy, tiny_run_config
+from tests.helpers import tiny_run_config
 
 MODEL = "openclip:qs-tiny/random"
 STYLES = {"i2t": ["style:outline", "style:dark", "style:texture"], "t2i": ["style:synonyms", "style:templates"]}
 
-
-@pytest.fixture
-def karpathy(tmp_path):
-    return make_karpathy(tmp_path / "data", n_images=8, captions=2), str(tmp_path / "data")
 
 
 _cfg = tiny_run_config

@@ -38,10 +38,6 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-@pytest.fixture
-def karpathy(tmp_path):
-    return make_karpathy(tmp_path / "data", n_images=8, captions=2), str(tmp_path / "data")
-
 
 @pytest.fixture
 def argv(karpathy, tmp_path):
