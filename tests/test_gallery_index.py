@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from queryshift.engine import RunConfig, run
-from queryshift.engine.gallery_index import ExactIndex, build_index, build_key, parse_spec, recall_at_k
+from queryshift.engine.gallery_index import (ExactIndex, build_index, build_key, parse_spec, recall_at_k,
+                                            spherical_kmeans)
 from tests.helpers import make_karpathy
 
 faiss = pytest.importorskip("faiss")
@@ -34,6 +35,32 @@ def test_faiss_indexes_find_the_exact_neighbours(spec):
     recall = recall_at_k(approx.search(queries, 10)[1], exact)
     # flat and an IVF probing every list are exhaustive: only fp16 rounding can swap near-ties at rank 10
     assert recall >= (0.99 if "hnsw" not in spec else 0.95)
+
+
+def test_ivf_probing_by_torch_matches_faiss_own_coarse_search():
+    """The IVF's lists are chosen and its centroid scores computed by torch (FaissIndex._probe); with the
+    true centroid scores faiss ranks the residual codes exactly as its own search does."""
+    gallery, queries = clustered(3000, 32, 6), clustered(60, 32, 7)
+    index = build_index("faiss-ivf:nlist=24,nprobe=3", gallery.numpy())
+    ours = index.search(queries, 10)
+    theirs = index.index.search(queries.numpy(), 10)  # faiss's coarse quantizer holds the same centroids
+    assert torch.equal(ours[1], torch.from_numpy(theirs[1]))
+    torch.testing.assert_close(ours[0], torch.from_numpy(theirs[0]))
+    assert index.index.ntotal == 3000 and sorted(ours[1].unique().tolist())[0] >= 0  # every item stored, ids real
+
+
+def test_spherical_kmeans_converges_to_normalised_cluster_means():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(6, 16, generator=g), dim=1)
+    x = F.normalize(centres.repeat(50, 1) + 0.05 * torch.randn(300, 16, generator=g), dim=1)
+    torch.testing.assert_close(spherical_kmeans(x, 1, iters=1)[0], F.normalize(x.sum(0), dim=0))
+    found = spherical_kmeans(x, 6, iters=20)
+    torch.testing.assert_close(found.norm(dim=1), torch.ones(6))
+    assign = (x @ found.T).argmax(dim=1)
+    for j in assign.unique():  # a fixed point: each centroid is the direction of its members' mean
+        torch.testing.assert_close(found[j], F.normalize(x[assign == j].sum(0), dim=0), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="nlist=400"):
+        spherical_kmeans(x, 400, iters=1)
 
 
 def test_search_parameters_change_a_built_index_like_a_rebuild():
