@@ -3,7 +3,9 @@ every method unchanged, the shipped shapes-cir model and train-combiner."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from PIL import Image
 
 from queryshift import methods, shifts
 from queryshift.cli import main as cli_main
+from queryshift.commands import train_combiner
 from queryshift.data import DataError, load_dataset
 from queryshift.data.shapes import IMAGE_SIZE
 from queryshift.engine import RunConfig, run, weights_digest
@@ -209,6 +212,29 @@ def test_train_combiner_step_budget_and_validation_curve(tmp_path):
 def test_train_combiner_refuses_a_non_positive_step_budget(tmp_path, capsys):
     assert cli_main(["train-combiner", "--steps", "0", "--out", str(tmp_path / "c.pt"), "--no-progress"]) == 2
     assert "--steps must be a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget, message", [(["--steps", "5", "--epochs", "2"], "give --steps or --epochs, not both"),
+                                             (["--epochs", "0"], "--epochs must be a positive number")])
+def test_train_combiner_refuses_an_ambiguous_or_empty_epoch_budget(tmp_path, capsys, budget, message):
+    assert cli_main(["train-combiner", *budget, "--out", str(tmp_path / "c.pt"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bare_train_combiner_is_the_shipped_combiners_recipe():
+    """The model card promises that 'queryshift train-combiner' with no option reproduces the shipped asset."""
+    parser = argparse.ArgumentParser()
+    train_combiner.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train-combiner"])
+    with open(os.path.splitext(SHIPPED_COMBINERS["shapes-cir"][1])[0] + ".json", encoding="utf-8") as f:
+        shipped = json.load(f)
+    for key in ("data", "val_data", "batch_size", "negatives", "hard_negatives", "lr", "weight_decay",
+                "temperature", "seed", "epochs"):
+        assert getattr(args, key) == shipped[key], key
+    assert args.steps is None and shipped["steps"] == train_combiner.DEFAULT_STEPS  # main() fills the default
+    assert args.out == SHIPPED_COMBINERS["shapes-cir"][1]
+    for key in ("proj_dim", "hidden_dim", "dropout"):
+        assert getattr(args, key) == shipped["hparams"][key], key
 
 
 def test_train_combiner_refuses_non_composed_data(tmp_path, capsys):

@@ -1,8 +1,9 @@
 """``queryshift train-combiner``: train a gated-fusion combiner on top of a frozen backbone.
 
-This is how the shipped ``shapes-cir`` combiner was made (``--model shapes-clip --data shapes-cir:train:12000``,
-the defaults): the backbone stays frozen, so its embeddings of every gallery image and modification text are
-computed once (and cached on disk by model weights and data), and training only touches the small combiner.
+This is how the shipped ``shapes-cir`` combiner was made (``--model shapes-clip --data shapes-cir:train
+--steps 3760``, the defaults): the backbone stays frozen, so its embeddings of every gallery image and
+modification text are computed once (and cached on disk by model weights and data), and training only touches
+the small combiner.
 The loss is a multi-positive contrastive loss: each composed query should score its target images (every
 image that satisfies it) above the other images, its reference excluded as in the evaluation. To keep a step
 cheap the other images are, per batch, the hard negatives of its queries (the gallery images closest to each
@@ -24,6 +25,8 @@ import torch
 from ..models.composed import SHIPPED_COMBINERS
 
 DEFAULT_OUT = SHIPPED_COMBINERS["shapes-cir"][1]
+DEFAULT_STEPS = 3760  # the shipped combiner's budget (model card): 8 passes over shapes-cir:train's 120,000 queries
+DEFAULT_EVAL_EVERY = 470  # validation is read-only (no random draw): the weights do not depend on it
 
 
 def add_parser(subparsers) -> None:
@@ -33,18 +36,20 @@ def add_parser(subparsers) -> None:
                     "embeddings on a frozen backbone and a composed dataset; writes an fp16 file for "
                     "'--composer combiner:<file>' plus <out>.json with the recipe and validation recall.")
     p.add_argument("--model", default="shapes-clip", help="frozen backbone (default shapes-clip)")
-    p.add_argument("--data", default="shapes-cir:train:12000",
-                   help="composed training data (default shapes-cir:train:12000, the shipped combiner's; "
-                        "shapes-cir:train has 60,000 queries)")
+    p.add_argument("--data", default="shapes-cir:train",
+                   help="composed training data (default shapes-cir:train, its 120,000 queries; the shipped "
+                        "combiner's)")
     p.add_argument("--val-data", dest="val_data", default="shapes-cir:val",
                    help="composed validation data, reported at the end (default shapes-cir:val)")
     p.add_argument("--image-root", dest="image_root", help="folder the training data's image paths are relative to")
-    p.add_argument("--epochs", type=int, default=40, help="passes over the training queries (default 40)")
     p.add_argument("--steps", type=int,
-                   help="optimisation steps instead of --epochs (a budget that does not grow with the training set)")
-    p.add_argument("--eval-every", dest="eval_every", type=int, default=0,
+                   help=f"optimisation steps (default {DEFAULT_STEPS}, the shipped combiner's; a budget that does "
+                        "not grow with the training set)")
+    p.add_argument("--epochs", type=int,
+                   help="passes over the training queries instead of --steps")
+    p.add_argument("--eval-every", dest="eval_every", type=int, default=DEFAULT_EVAL_EVERY,
                    help="also measure validation R@1/5/10/50 every N steps (the 'val_curve' of <out>.json; "
-                        "default 0: only at the end)")
+                        f"default {DEFAULT_EVAL_EVERY}; 0: only at the end)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="default 256")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=1e-4, help="default 1e-4")
@@ -192,8 +197,14 @@ def main(args) -> int:
     from ..models import load_model
     from ..models.composed import GatedCombiner, SumComposer, save_combiner
 
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError(f"give --steps or --epochs, not both (got --steps {args.steps} --epochs {args.epochs})")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be a positive number of optimisation steps, got {args.steps}")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be a positive number of passes, got {args.epochs}")
+    if args.epochs is None and args.steps is None:
+        args.steps = DEFAULT_STEPS
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,8 +27,10 @@ from .composed import ComposedDataset
 from .shapes import CANVAS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, articles, render
 
 # split -> (seed, number of composed queries); the test split has 1,000 queries like shapes' test split; train is
-# large because the combiner overfits 12,000 queries (model card) and the frozen embeddings are computed once
-SPLITS = {"train": (31_250_601, 60_000), "val": (31_250_603, 1_000), "test": (31_250_602, 1_000)}
+# large because the combiner memorises small training sets (model card: 12,000 queries) and the frozen embeddings
+# are computed once. Episodes are pure functions of (seed, index), so enlarging a split keeps its first N queries
+# (and their gallery) identical: shapes-cir:train:60000 is the split before it was enlarged to 120,000.
+SPLITS = {"train": (31_250_601, 120_000), "val": (31_250_603, 1_000), "test": (31_250_602, 1_000)}
 MAX_OBJECTS = 3  # as in the shapes world the source model was trained on
 
 Obj = tuple[int, str, str, str]  # (cell 0..8, shape, colour, size)
