@@ -59,3 +59,13 @@ def test_parallel_jobs_match_serial(tmp_path):
     serial = json.loads((tmp_path / "serial" / "results.json").read_text())["runs"]
     parallel = json.loads((tmp_path / "parallel" / "results.json").read_text())["runs"]
     assert [(r["labels"], r["r1"], r["map"]) for r in serial] == [(r["labels"], r["r1"], r["map"]) for r in parallel]
+
+
+def test_report_header_names_the_queryshift_command_however_it_was_started():
+    from queryshift.commands.bench import invoked_command
+
+    args = ["bench", "--suite", "synthetic", "--title", "a title"]
+    expected = "queryshift bench --suite synthetic --title 'a title'"
+    for entry in ("/usr/local/bin/queryshift", "/x/src/queryshift/__main__.py", "/x/src/queryshift/cli.py"):
+        assert invoked_command([entry, *args]) == expected
+    assert invoked_command(["my_script.py", "bench"]) == "my_script.py bench"

@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from queryshift.engine import RunConfig, run
-from queryshift.engine.gallery_index import (ExactIndex, build_index, build_key, parse_spec, recall_at_k,
-                                            spherical_kmeans)
+from queryshift.engine.gallery_index import (
+    ExactIndex,
+    build_index,
+    build_key,
+    parse_spec,
+    recall_at_k,
+    spherical_kmeans,
+)
 from tests.helpers import make_karpathy
 
 faiss = pytest.importorskip("faiss")

@@ -405,6 +405,15 @@ def report(tables, records, out: str, title: str, command: str, report_path: str
     return text
 
 
+def invoked_command(argv: list[str]) -> str:
+    """The command line as a user would retype it: ``queryshift ...`` for the console script and for
+    ``python -m queryshift`` / ``python -m queryshift.cli`` (whose argv[0] is the module's file path)."""
+    entry = argv[0].replace("\\", "/")
+    if entry.endswith(("queryshift", "queryshift/__main__.py", "queryshift/cli.py")):
+        return "queryshift " + " ".join(shlex.quote(a) for a in argv[1:])
+    return " ".join(shlex.quote(a) for a in argv)
+
+
 def main(args) -> int:
     if args.notes:
         read_notes(args.notes)  # a missing notes file fails now, not after the last run
@@ -412,8 +421,7 @@ def main(args) -> int:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     tables = plan(args)  # the whole grid is checked before anything is written
     os.makedirs(args.out, exist_ok=True)
-    command = "queryshift " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
-        "queryshift") else " ".join(shlex.quote(a) for a in sys.argv)
+    command = invoked_command(sys.argv)
     with ExclusiveLock(args.out, what=f"bench output directory {args.out}"):  # one bench per --out
         records = execute(tables, args.out, progress=args.progress is not False, jobs=args.jobs)
         text = report(tables, records, args.out, args.title, command, args.report, args.notes)
