@@ -80,6 +80,9 @@ def test_search_parameters_change_a_built_index_like_a_rebuild():
     rebuilt = build_index("faiss-ivf:nlist=32,nprobe=32", gallery.numpy())
     assert torch.equal(index.search(queries, 10)[1], rebuilt.search(queries, 10)[1])
     assert not torch.equal(one_list, index.search(queries, 10)[1])  # nprobe really changed the search
+    index.set_search({"nprobe": 100})  # more probes than lists: every list, as with nprobe=32
+    assert torch.equal(index.search(queries, 10)[1], rebuilt.search(queries, 10)[1])
+    assert build_index("faiss-ivf:nlist=32,nprobe=64", gallery.numpy()).index.nprobe == 32
 
 
 def test_benchmark_splits_index_specs_at_kinds_only():

@@ -125,7 +125,7 @@ class FaissIndex:
             self._coarse = faiss.IndexFlatIP(d)  # kept alive: the IVF index does not own it
             self._coarse.add(self.centroids.numpy())
             index = faiss.IndexIVFScalarQuantizer(self._coarse, d, nlist, fp16, ip)
-            index.nprobe = params["nprobe"]
+            index.nprobe = min(params["nprobe"], nlist)  # probing more lists than exist = probing all
             # the quantizer already holds nlist centroids, so faiss trains only its fp16 codec here
             index.train(as_float32(gallery[rows[: min(train, 4096)]]))
         if not index.is_trained:
@@ -143,7 +143,8 @@ class FaissIndex:
     def set_search(self, params: dict) -> None:
         """Change the search-time parameters (``nprobe``, ``ef_search``) of the built index."""
         if "nprobe" in params and self.kind == "faiss-ivf":
-            self.index.nprobe = self.params["nprobe"] = int(params["nprobe"])
+            self.params["nprobe"] = int(params["nprobe"])
+            self.index.nprobe = min(self.params["nprobe"], self.index.nlist)
         if "ef_search" in params and self.kind == "faiss-hnsw":
             self.index.hnsw.efSearch = self.params["ef_search"] = int(params["ef_search"])
 
