@@ -46,9 +46,14 @@ def test_faiss_indexes_find_the_exact_neighbours(spec):
 def test_ivf_probing_by_torch_matches_faiss_own_coarse_search():
     """The IVF's lists are chosen and its centroid scores computed by torch (FaissIndex._probe); with the
     true centroid scores faiss ranks the residual codes exactly as its own search does."""
-    gallery, queries = clustered(3000, 32, 6), clustered(60, 32, 7)
+    gallery, queries = clustered(3000, 32, 6), clustered(200, 32, 7)
     index = build_index("faiss-ivf:nlist=24,nprobe=3", gallery.numpy())
-    ours = index.search(queries, 10)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)  # the queries are searched in 3 slices on 3 threads, then put back in order
+    try:
+        ours = index.search(queries, 10)
+    finally:
+        faiss.omp_set_num_threads(threads)
     theirs = index.index.search(queries.numpy(), 10)  # faiss's coarse quantizer holds the same centroids
     assert torch.equal(ours[1], torch.from_numpy(theirs[1]))
     torch.testing.assert_close(ours[0], torch.from_numpy(theirs[0]))

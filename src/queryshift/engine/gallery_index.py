@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -160,12 +161,23 @@ class FaissIndex:
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "faiss-ivf":
+            import faiss
             from faiss.contrib import ivf_tools
 
             q = as_float32(queries)
             coarse, lists = self._probe(q, self.index.nprobe)
-            # the codes are residuals to the list centroid: faiss adds the centroid score, so pass the true one
-            scores, idx = ivf_tools.search_preassigned(self.index, q, k, lists.astype(np.int64), coarse)
+            lists = lists.astype(np.int64)
+
+            def part(rows: slice):
+                # the codes are residuals to the list centroid: faiss adds the centroid score, so pass the true one
+                return ivf_tools.search_preassigned(self.index, q[rows], k, lists[rows], coarse[rows])
+
+            # faiss runs a preassigned search on one thread; it releases the GIL, so query slices in threads
+            # use the cores its own search would (same results: each query is searched independently)
+            bounds = np.linspace(0, len(q), min(faiss.omp_get_max_threads(), max(1, len(q) // 64)) + 1).astype(int)
+            with ThreadPoolExecutor(len(bounds) - 1) as pool:
+                parts = list(pool.map(part, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+            scores, idx = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             return torch.from_numpy(scores).to(queries.device), torch.from_numpy(idx).to(queries.device)
         scores, idx = self.index.search(as_float32(queries), k)
         return torch.from_numpy(scores).to(queries.device), torch.from_numpy(idx).to(queries.device)
