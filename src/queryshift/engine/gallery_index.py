@@ -105,6 +105,7 @@ class FaissIndex:
             raise ImportError(f"--gallery-index {kind} needs faiss: pip install 'queryshift[index]' "
                               f"(faiss-cpu) or faiss-gpu") from err
         self.kind, self.params = kind, params
+        self._faiss, self._ivf_tools = faiss, ivf_tools  # imported once, here, where a missing faiss is reported
         n, d = gallery.shape
         t0 = time.perf_counter()
         fp16, ip = faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
@@ -160,26 +161,24 @@ class FaissIndex:
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = as_float32(queries)
         if self.kind == "faiss-ivf":
-            import faiss
-            from faiss.contrib import ivf_tools
-
-            q = as_float32(queries)
             coarse, lists = self._probe(q, self.index.nprobe)
             lists = lists.astype(np.int64)
 
             def part(rows: slice):
                 # the codes are residuals to the list centroid: faiss adds the centroid score, so pass the true one
-                return ivf_tools.search_preassigned(self.index, q[rows], k, lists[rows], coarse[rows])
+                return self._ivf_tools.search_preassigned(self.index, q[rows], k, lists[rows], coarse[rows])
 
             # faiss runs a preassigned search on one thread; it releases the GIL, so query slices in threads
             # use the cores its own search would (same results: each query is searched independently)
-            bounds = np.linspace(0, len(q), min(faiss.omp_get_max_threads(), max(1, len(q) // 64)) + 1).astype(int)
-            with ThreadPoolExecutor(len(bounds) - 1) as pool:
+            n_parts = min(self._faiss.omp_get_max_threads(), max(1, len(q) // 64))
+            bounds = np.linspace(0, len(q), n_parts + 1).astype(int)
+            with ThreadPoolExecutor(n_parts) as pool:
                 parts = list(pool.map(part, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
             scores, idx = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-            return torch.from_numpy(scores).to(queries.device), torch.from_numpy(idx).to(queries.device)
-        scores, idx = self.index.search(as_float32(queries), k)
+        else:
+            scores, idx = self.index.search(q, k)
         return torch.from_numpy(scores).to(queries.device), torch.from_numpy(idx).to(queries.device)
 
 
