@@ -2,6 +2,7 @@
 and the step-cost rules (one source forward per batch, no L_know backward when it changes nothing).
 Expected values are worked out by hand."""
 
+import copy
 import math
 
 import pytest
@@ -143,7 +144,7 @@ def test_k3_knowledge_loss_is_the_reliable_queries_consistency(tiny, monkeypatch
 
 
 def test_source_forward_once_per_batch_and_no_know_backward_without_decoupling(tiny, monkeypatch):  # noqa: F811
-    m = make(tiny, "rest", "image", steps=3, hparams={"queue_batches": 1})
+    m = make(tiny, "rest", "image", steps=3, hparams={"queue_batches": 1, "know": "kl"})
     calls = []
     real_src = type(m).encode_with_source
     monkeypatch.setattr(type(m), "encode_with_source", lambda self, x: calls.append(1) or real_src(self, x))
@@ -202,3 +203,129 @@ def test_every_method_declares_a_type_and_range_for_every_hyper_parameter():
         cls = methods.get(name)
         assert set(cls.hparam_spec) == set(cls.defaults), name
         cls.check_hparams(dict(cls.defaults))  # the defaults themselves are valid
+
+
+def test_diagonal_fisher_by_hand():
+    fisher = C.DiagonalFisher()
+    fisher.add([torch.tensor([2.0, -4.0])], n=2)  # squares / n: (2, 8)
+    fisher.add([torch.tensor([0.0, 2.0])], n=1)  # (0, 4)
+    fisher.add([torch.tensor([float("nan"), 1.0])], n=1)  # not finite: ignored
+    fisher.add([torch.tensor([5.0, 5.0])], n=0)  # no query: ignored
+    assert len(fisher) == 2 and torch.allclose(fisher.weights[0], torch.tensor([1.0, 6.0]))
+    grads, value = fisher.knowledge([torch.tensor([3.0, 1.0])], [torch.tensor([1.0, 2.0])])  # delta (2, -1)
+    assert torch.allclose(grads[0], torch.tensor([2.0, -6.0]))
+    assert math.isclose(value, 0.5 * (1 * 4 + 6 * 1))
+
+
+def test_diagonal_fisher_estimate_converges_to_the_exact_fisher_of_the_predictions():
+    # a linear softmax model z_i = W x_i: the exact diagonal Fisher per query is
+    # mean_i sum_y p_i(y) (d/dW -log p_i(y))^2; labels drawn from p_i estimate it without bias
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=gen)
+    w = torch.randn(4, 3, generator=gen).requires_grad_(True)
+    p = (x @ w.T).softmax(-1).detach()
+    exact = torch.zeros(4, 3)
+    for i in range(6):
+        for y in range(4):
+            (g,) = torch.autograd.grad(-(x[i] @ w.T).log_softmax(-1)[y], w)
+            exact += p[i, y] * g**2 / 6
+    fisher = C.DiagonalFisher()
+    for _ in range(4000):
+        (g,) = torch.autograd.grad(C.sampled_nll(x @ w.T, gen), w)
+        fisher.add([g], n=6)
+    assert torch.allclose(fisher.weights[0], exact, rtol=0.1, atol=1e-3 * float(exact.max()))
+    argmax = C.DiagonalFisher()  # the argmax label instead of a draw: a biased estimate, caught by the test
+    (g,) = torch.autograd.grad(F.cross_entropy(x @ w.T, p.argmax(1), reduction="sum"), w)
+    argmax.add([g], n=6)
+    assert not torch.allclose(argmax.weights[0], exact, rtol=0.1, atol=1e-3 * float(exact.max()))
+
+
+def test_sampled_fisher_by_hand():
+    shapes = [torch.zeros(2), torch.zeros(1)]  # two parameter tensors, P = 3
+    rows = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, -1.0])]
+    params, source = [torch.tensor([2.0, 0.0]), torch.tensor([3.0])], [torch.tensor([1.0, 1.0]), torch.tensor([1.0])]
+    d = torch.tensor([1.0, -1.0, 2.0])
+    for full in (True, False):
+        fisher = C.SampledFisher(full=full)
+        for r in rows:
+            fisher.add([r[:2], r[2:]])
+        fisher.add([torch.tensor([float("inf"), 0.0]), torch.tensor([0.0])])  # not finite: ignored
+        assert len(fisher) == 2 and [p.shape for p in shapes] == fisher.shapes
+        f = sum(torch.outer(r, r) for r in rows) / 2
+        if not full:  # the per-tensor blocks only
+            f[:2, 2:] = 0
+            f[2:, :2] = 0
+        grads, value = fisher.knowledge(params, source)
+        assert torch.allclose(torch.cat(grads), f @ d) and grads[0].shape == (2,) and grads[1].shape == (1,)
+        assert math.isclose(value, 0.5 * float(d @ f @ d), rel_tol=1e-6)
+
+
+def _fisher_by_hand(fisher, named_params, source):
+    """F (theta - theta_0) from the estimate's stored statistics, written out."""
+    deltas = [p.detach() - source[n] for n, p in named_params]
+    if isinstance(fisher, C.DiagonalFisher):
+        return [t / fisher.count * d for t, d in zip(fisher.total, deltas)]
+    u, flat = torch.stack(fisher.rows), torch.cat([d.flatten() for d in deltas])
+    fd = u.T @ (u @ flat) / len(u)
+    return [t.view_as(d) for t, d in zip(fd.split([d.numel() for d in deltas]), deltas)]
+
+
+@pytest.mark.parametrize("kind", ["diag", "full"])
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_k5_collects_the_fisher_in_the_warm_up_then_protects_it_with_no_extra_pass(tiny, monkeypatch, modality,  # noqa: F811
+                                                                                    kind):
+    m = make(tiny, "rest", modality, steps=1, optimizer="sgd", lr=1e-2, momentum=0.0, weight_decay=0.0,
+             hparams={"know": "fisher", "fisher": kind, "queue_batches": 2, "decouple": "global"})
+    xs = tiny[2][modality]
+    _take_steps(m, xs[:2])
+    # diag: one estimate per warm-up batch; full: one score per reliable query of the warm-up batches
+    assert len(m.fisher) == 2 if kind == "diag" else len(m.fisher) >= 2
+    collected = len(m.fisher)
+    frozen = copy.deepcopy(vars(m.fisher))
+    # after the warm-up: no source forward and one backward (g_adapt) per step; the Fisher stays frozen
+    source_calls, backward_calls = [], []
+    real_src, real_grads = type(m).encode_with_source, C.grads_of
+    monkeypatch.setattr(type(m), "encode_with_source", lambda self, x: source_calls.append(1) or real_src(self, x))
+    monkeypatch.setattr(C, "grads_of", lambda *a, **k: backward_calls.append(1) or real_grads(*a, **k))
+    for g in m.optimizer.param_groups:
+        g["lr"] = 0.3
+    source = m._snapshot["params"]
+    angles = []
+    for x in [xs[2], xs[0], xs[1]] * 2:
+        source_calls.clear()
+        backward_calls.clear()
+        g_k = _fisher_by_hand(m.fisher, m.named_params, source)
+        before = adapted(m)
+        _, log = m.step(x)
+        assert source_calls == [] and backward_calls == [1] and len(m.fisher) == collected
+        assert "skipped" not in log and log["l_know"] > 0
+        # the logged L_know is the quadratic distance before the step, 0.5 (theta - theta_0)^T F (theta - theta_0)
+        assert math.isclose(log["l_know"], 0.5 * sum(float((gk * (before[n] - source[n])).sum())
+                                                      for gk, (n, _) in zip(g_k, m.named_params)), rel_tol=1e-4)
+        angles.append(log["grad_angle"])
+        # the SGD update -g (g the projected gradient) does not move the parameters further out in the
+        # Fisher metric to first order: <d, g_k> <= 0 over all tensors together ("global")
+        dot = sum(float(((p.detach() - before[n]) * gk).sum()) for gk, (n, p) in zip(g_k, m.named_params))
+        norm = sum(float((p.detach() - before[n]).norm() * gk.norm()) for gk, (n, p) in zip(g_k, m.named_params))
+        assert dot <= 1e-6 * (norm + 1e-30)
+    assert max(angles) > 90  # some step conflicted: the projection was exercised
+    same_estimate = copy.deepcopy(vars(m.fisher))
+    for key, value in frozen.items():
+        a, b = value, same_estimate[key]
+        assert (torch.equal(a, b) if torch.is_tensor(a) else
+                all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a, list) and a and torch.is_tensor(a[0])
+                else a == b), key
+
+
+@pytest.mark.parametrize("kind", ["diag", "block", "full"])
+def test_k5_fisher_survives_a_checkpoint(tiny, kind):  # noqa: F811
+    hp = {"know": "fisher", "fisher": kind, "queue_batches": 2}
+    m = make(tiny, "rest", "image", steps=1, hparams=hp)
+    _take_steps(m, tiny[2]["image"][:2])
+    state = m.state_dict()
+    m2 = make(tiny, "rest", "image", steps=1, hparams=hp)
+    m2.load_state_dict(state)
+    assert len(m2.fisher) == len(m.fisher) >= 2
+    source = list(m._snapshot["params"].values())
+    a, b = m.fisher.knowledge(m.params, source), m2.fisher.knowledge(m2.params, source)
+    assert a[1] == b[1] and a[1] > 0 and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))

@@ -48,12 +48,18 @@ def init_from_env(device: str = "cpu") -> str:
     return device
 
 
+def shard_bounds(n: int, r: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """``(start, stop)`` of this rank's contiguous part of a global batch of ``n`` (see :func:`shard`)."""
+    r, world = rank() if r is None else r, world_size() if world is None else world
+    base, extra = divmod(n, world)
+    start = r * base + min(r, extra)
+    return start, start + base + (r < extra)
+
+
 def shard(items: list, r: int | None = None, world: int | None = None) -> list:
     """This rank's contiguous part of a global batch (sizes differ by at most one, earlier ranks larger)."""
-    r, world = rank() if r is None else r, world_size() if world is None else world
-    base, extra = divmod(len(items), world)
-    start = r * base + min(r, extra)
-    return items[start:start + base + (r < extra)]
+    start, stop = shard_bounds(len(items), r, world)
+    return items[start:stop]
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -82,6 +88,15 @@ class _GatherWithGrad(torch.autograd.Function):
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """The rows of every rank's ``x`` concatenated in rank order; gradients flow back to each rank's rows."""
     return _GatherWithGrad.apply(x) if active() else x
+
+
+def all_gather_rows(rows: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``rows`` (n_r x P, n_r may differ and be 0) and their integer ``keys`` (n_r), concatenated
+    in rank order on every rank; no gradient. The identity in one process."""
+    if not active():
+        return rows, keys
+    with torch.no_grad():
+        return _GatherWithGrad.apply(rows), _GatherWithGrad.apply(keys.double()).long()
 
 
 def average_gradients(params) -> None:

@@ -143,15 +143,17 @@ class Method:
     def encode(self, query_batch: Any) -> torch.Tensor:
         """Query embeddings of the batch; under data-parallel adaptation, of the global batch (all ranks' shards,
         gradient flowing back to this rank's)."""
+        return distributed.all_gather_with_grad(self.encode_local(query_batch))
+
+    def encode_local(self, query_batch: Any) -> torch.Tensor:
+        """Query embeddings of this rank's own rows only (no gathering: ranks may call it unevenly)."""
         dtype = AUTOCAST[self.config.precision]
         if dtype is None:
+            return self.model.encode(self.modality, query_batch)
+        device = next(self.model.parameters()).device.type  # mixed precision in the tower; the rest in fp32
+        with torch.autocast(device_type=device, dtype=dtype):
             q = self.model.encode(self.modality, query_batch)
-        else:  # mixed precision in the tower; embeddings, losses and statistics in fp32
-            device = next(self.model.parameters()).device.type
-            with torch.autocast(device_type=device, dtype=dtype):
-                q = self.model.encode(self.modality, query_batch)
-            q = q.float()
-        return distributed.all_gather_with_grad(q)
+        return q.float()
 
     @torch.no_grad()
     def encode_with_source(self, query_batch: Any) -> torch.Tensor:

@@ -305,6 +305,99 @@ class GradientSubspace:
         return out
 
 
+class DiagonalFisher:
+    """Diagonal Fisher information of the source-like queries' predictions (REST's K5 knowledge objective, as EWC).
+
+    While collecting (the queue's warm-up), :meth:`add` takes the gradient of ``sum_i -log p_i(y_i)`` over
+    ``n`` reliable queries, each ``y_i`` drawn from the query's own prediction ``p_i``. Its elementwise square
+    is an unbiased estimate of the sum of the n queries' diagonal Fisher: each query's score
+    ``J_i^T (p_i - e_y)`` has mean zero when y is drawn from p_i, so the cross terms vanish in expectation.
+    :attr:`weights` is the per-query mean over every added batch. Then ``0.5 sum F (theta - theta_0)^2`` is the
+    second-order expansion around the source of K1's mean ``KL(p_source || p_theta)``, and its gradient
+    ``F (theta - theta_0)`` is K1's knowledge gradient without K1's source forward and second backward.
+    """
+
+    def __init__(self):
+        self.total: list[torch.Tensor] | None = None
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    @torch.no_grad()
+    def add(self, grads: Sequence[torch.Tensor], n: int) -> None:
+        if n < 1 or not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return
+        squares = [g.detach() ** 2 / n for g in grads]
+        self.total = squares if self.total is None else [t + s for t, s in zip(self.total, squares)]
+        self.count += 1
+
+    @property
+    def weights(self) -> list[torch.Tensor] | None:
+        return None if self.total is None else [t / self.count for t in self.total]
+
+    @torch.no_grad()
+    def knowledge(self, params: Sequence[torch.Tensor], source: Sequence[torch.Tensor]):
+        """-> (``F (theta - theta_0)`` per tensor, ``0.5 sum F (theta - theta_0)^2`` as a float)."""
+        deltas = [p.detach() - s for p, s in zip(params, source)]
+        grads = [w * d for w, d in zip(self.weights, deltas)]
+        return grads, 0.5 * float(torch.stack([(g * d).sum() for g, d in zip(grads, deltas)]).sum())
+
+
+class SampledFisher:
+    """The Fisher of the source-like queries' predictions from single queries' scores, per tensor or whole.
+
+    :meth:`add` takes ``g_i = d/dtheta -log p_i(y_i)`` of a single query, ``y_i`` drawn from ``p_i``
+    (``E[g g^T]`` is that query's Fisher) and keeps it as a row of ``U`` (n x P). ``full=True``: ``F = U^T U / n``
+    over all adapted parameters together, so it keeps how the LayerNorms of different layers act together on
+    the predictions (rank at most n); ``full=False``: only the blocks of each tensor (``U_t^T U_t / n``).
+    :meth:`knowledge` as :class:`DiagonalFisher` (``F d = U^T (U d) / n``: never a P x P matrix).
+    """
+
+    def __init__(self, full: bool = True):
+        self.full = bool(full)
+        self.rows: list[torch.Tensor] = []
+        self.shapes: list[torch.Size] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def add(self, grads: Sequence[torch.Tensor]) -> None:
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return
+        self.shapes = [g.shape for g in grads]
+        self.rows.append(torch.cat([g.detach().flatten() for g in grads]))
+
+    @torch.no_grad()
+    def knowledge(self, params: Sequence[torch.Tensor], source: Sequence[torch.Tensor]):
+        """-> (``F (theta - theta_0)`` per tensor, ``0.5 d^T F d`` as a float)."""
+        u = torch.stack(self.rows)  # n x P
+        d = torch.cat([(p.detach() - s).flatten() for p, s in zip(params, source)])
+        if self.full:
+            fd = u.T @ (u @ d) / len(u)
+        else:
+            sizes = [p.numel() for p in params]
+            fd = torch.cat([ut.T @ (ut @ dt) for ut, dt in zip(u.split(sizes, dim=1), d.split(sizes))]) / len(u)
+        grads = [t.view_as(p) for t, p in zip(fd.split([p.numel() for p in params]), params)]
+        return grads, 0.5 * float(fd @ d)
+
+
+def draw_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One label per row drawn from ``softmax(logits)`` with ``generator`` (CPU), on the logits' device."""
+    drawn = torch.multinomial(logits.detach().float().softmax(-1).cpu(), 1, generator=generator).squeeze(1)
+    return drawn.to(logits.device)
+
+
+def sampled_nll(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``sum_i -log p_i(y_i)``, each label ``y_i`` drawn from ``p_i = softmax(logits_i)`` with ``generator`` (CPU).
+
+    The elementwise square of its gradient estimates the diagonal Fisher of the predictions without bias
+    (:class:`DiagonalFisher`); the argmax label instead of a draw would not.
+    """
+    return F.cross_entropy(logits, draw_labels(logits, generator), reduction="sum")
+
+
 # -- QS-robust loss terms --------------------------------------------------------------------------
 
 

@@ -22,8 +22,8 @@ Per step (``Q`` query embeddings with gradient, ``S = Q G^T`` returned as scores
   uses ``g_a + lambda_k g_k``. The result goes through ``Method.update`` via ``surrogate_loss``.
   The angle diagnostics are free when decoupling is on; with ``decouple="off"`` and ``lambda_k`` 0,
   L_know and its backward are skipped unless ``log_angle`` asks for them (default False).
-- **the design space of the REST issue** (all *our reading*; defaults = the K1 design above until a
-  choice is made on validation shifts):
+- **the design space of the REST issue** (all *our reading*; the default is K5 with per-tensor Fisher
+  blocks, below, chosen on validation shifts in two rounds, docs/rest.md; K1 above is ``know="kl"``):
   ``know`` = "kl" (K1, above) | "anchors" (K2: the ``n_anchors`` most source-like queries of the queue's
   warm-up batches are kept as raw inputs and re-encoded every step; L_know = their mean ``1 - q.g~`` with
   their stored candidates (``anchor_loss="consistency"``) or the KL of their in-anchor prediction to the
@@ -35,6 +35,15 @@ Per step (``Q`` query embeddings with gradient, ``S = Q G^T`` returned as scores
   consistency are collected; then every update is projected off their top singular directions
   (``subspace_energy`` of the squared norm, at most ``subspace_rank`` per tensor); no conflict test.
   K1's source forward is computed once per batch, not per step.
+  Cheaper readings of K1 (issue 13's step-time target, round 2 of the design): ``know_queries=k`` computes
+  K1 on the k most reliable queries only (a forward and backward of k queries instead of a second backward
+  of the batch); ``know="fisher"`` (K5, as EWC) uses ``g_k = F (theta - theta_0)``, the gradient of the
+  second-order expansion of K1's KL around the source, with F the Fisher of the reliable queries' in-batch
+  predictions estimated during the queue's warm-up from labels drawn from those predictions: ``fisher``
+  "diag" (one backward per warm-up batch), "block" (per-tensor blocks) or "full" (all adapted parameters
+  together, as ``U^T U / n`` from n single-query scores; "block" and "full" take one query at a time during
+  the warm-up, up to ``know_queries`` per batch, 0 = every reliable one). After the warm-up K5 needs no
+  source forward and no second backward.
 - **where the projection acts** (``decouple_after``): "gradient" (default) projects the gradient *before*
   the optimizer. With plain SGD (no momentum, no weight decay) the applied update is then minus the
   projected gradient, which has no negative inner product with g_k, so the update does not raise L_know
@@ -56,7 +65,9 @@ parameter tensors with ``<g_a, g_k> < 0``).
 Defaults (rest.md §2.4): ``tau`` 0.02 (as TCR, all datasets; configs may override via ``hparams``),
 queue 64 / 0.3 / 10 batches, ``t`` 0.1, ``rem_eps`` 1e-3, all weights 1, ``decouple`` "global" (chosen on
 the validation shifts among the issue-11 candidates, docs/rest.md; the paper-reading default was "tensor"),
-``lambda_k`` 0, ``decouple_after`` "gradient".
+``lambda_k`` 0, ``decouple_after`` "gradient", ``know`` "fisher" with ``fisher`` "block" (K5: round 2 of the
+design, the best validation score among the designs whose step costs at most 1.3x TCR's; K1 scored 0.6 higher
+at 1.9x).
 
 Empty selections: L_ent, L_con and L_know are 0 (left out) for a step without reliable queries (logged as
 ``empty_selection: 1``), and L_ent/L_gap/L_con while the queue is empty; the update then uses the
@@ -72,14 +83,15 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from . import components as C
 from .base import Method
 from .hparams import HP
 
 KNOWN_CHOICES = {
     "decouple": ("tensor", "global", "off"), "decouple_after": ("gradient", "optimizer"),
-    "know": ("kl", "anchors", "reliable", "subspace"), "anchor_loss": ("consistency", "kl"),
-    "con": ("queue", "agree", "margin"),
+    "know": ("kl", "anchors", "reliable", "subspace", "fisher"), "anchor_loss": ("consistency", "kl"),
+    "con": ("queue", "agree", "margin"), "fisher": ("diag", "block", "full"),
 }
 
 
@@ -90,10 +102,11 @@ class REST(Method):
         "queue_size": 64, "queue_frac": 0.3, "queue_batches": 10,
         "t": 0.1, "rem_eps": 1e-3,
         "w_ent": 1.0, "w_uni": 1.0, "w_gap": 1.0, "w_con": 1.0,
-        # frozen on the validation shifts (docs/rest.md): K1 with one global projection
+        # frozen on the validation shifts (docs/rest.md): one global projection (round 1), and the knowledge
+        # gradient of K5 with per-tensor Fisher blocks (round 2: the best-scoring design within 1.3x TCR's step)
         "decouple": "global", "lambda_k": 0.0, "log_angle": False, "decouple_after": "gradient",
         # the REST design space (issue 11): knowledge objective, combination rule, consistency term
-        "know": "kl", "n_anchors": 16, "anchor_loss": "consistency",
+        "know": "fisher", "know_queries": 0, "fisher": "block", "n_anchors": 16, "anchor_loss": "consistency",
         "margin_deg": 90.0, "keep": 0.0, "con": "queue", "subspace_energy": 0.9, "subspace_rank": 4,
     }
     hparam_spec = {
@@ -104,13 +117,14 @@ class REST(Method):
         "w_ent": HP(float, ge=0), "w_uni": HP(float, ge=0), "w_gap": HP(float, ge=0), "w_con": HP(float, ge=0),
         "decouple": HP(str, choices=KNOWN_CHOICES["decouple"]), "lambda_k": HP(float, ge=0), "log_angle": HP(bool),
         "decouple_after": HP(str, choices=KNOWN_CHOICES["decouple_after"]),
-        "know": HP(str, choices=KNOWN_CHOICES["know"]), "n_anchors": HP(int, ge=1),
+        "know": HP(str, choices=KNOWN_CHOICES["know"]), "know_queries": HP(int, ge=0),
+        "fisher": HP(str, choices=KNOWN_CHOICES["fisher"]), "n_anchors": HP(int, ge=1),
         "anchor_loss": HP(str, choices=KNOWN_CHOICES["anchor_loss"]),
         "margin_deg": HP(float, ge=90, le=180), "keep": HP(float, ge=0, le=1),
         "con": HP(str, choices=KNOWN_CHOICES["con"]),
         "subspace_energy": HP(float, gt=0, le=1), "subspace_rank": HP(int, ge=1),
     }
-    state_attrs = ("queue", "anchors", "subspace")
+    state_attrs = ("queue", "anchors", "subspace", "fisher")
 
     def init_state(self):
         for key, allowed in KNOWN_CHOICES.items():
@@ -120,7 +134,13 @@ class REST(Method):
         self.anchors = C.AnchorStore(self.hp["n_anchors"] if self.hp["know"] == "anchors" else 0,
                                      self.hp["queue_batches"])
         self.subspace = C.GradientSubspace(self.hp["subspace_energy"], self.hp["subspace_rank"])
+        fisher = self.hp["fisher"]
+        self.fisher = C.DiagonalFisher() if fisher == "diag" else C.SampledFisher(full=fisher == "full")
         self._source_embeddings = None  # (batch_index, Q under theta_0): constant within a batch
+        self._know_subset = None  # know_queries > 0: (batch_index, raw inputs of the subset, their Q under theta_0)
+        if self.hp["know"] == "kl" and self.hp["know_queries"] and distributed.active():
+            raise ValueError("know_queries > 0 with know=kl re-encodes a subset of the batch in one process only; "
+                             "use know_queries=0 with torchrun")
 
     def _predict(self, q, g):
         """Prediction logits: over the in-batch candidates (refined) or the full gallery (raw)."""
@@ -139,7 +159,8 @@ class REST(Method):
         # without decoupling or lambda_k, L_know costs a backward that changes nothing: only on request
         need_know = hp["decouple"] != "off" or hp["lambda_k"] or hp["log_angle"]
         # before the forward with grad: the parameter swap would invalidate its graph
-        q_src = self._source_batch(query_batch, step) if need_know and hp["know"] == "kl" else None
+        whole_batch_kl = need_know and hp["know"] == "kl" and not hp["know_queries"]
+        q_src = self._source_batch(query_batch, step) if whole_batch_kl else None
         q = self.encode(query_batch)
         scores = q @ self.gallery.T
         g, top1 = C.candidates(scores, self.gallery, hp["topk"] if hp["refine"] else 1)
@@ -169,10 +190,15 @@ class REST(Method):
         g_know = None
         if loss is not None and hp["know"] == "subspace":
             loss = self._subspace_protected(q, g, cons, reliable, loss, step, info)
+        elif loss is not None and need_know and hp["know"] == "fisher":
+            loss, g_know = self._fisher_protected(query_batch, g, ent, logits, reliable, loss, step, info)
+        elif loss is not None and need_know and hp["know"] == "kl" and hp["know_queries"]:
+            loss, g_know = self._subset_kl(query_batch, g, ent, reliable, loss, step, info)
         elif loss is not None and need_know:
             l_know = self._knowledge_loss(q_src, q, g, logits, cons, reliable)
             if l_know is not None:
-                loss, g_know = self._decoupled(l_know, loss, info)
+                info["l_know"] = C.scalar(l_know)
+                loss, g_know = self._decoupled(loss, info, l_know=l_know)
         after_optimizer = g_know is not None and hp["decouple"] != "off" and hp["decouple_after"] == "optimizer"
         before = [p.detach().clone() for p in self.params] if after_optimizer else None
         if self.update(loss, info) and after_optimizer:
@@ -229,13 +255,83 @@ class REST(Method):
         info["subspace_rank"] = len(self.subspace)
         return C.surrogate_loss(loss, self.params, grads)
 
-    def _decoupled(self, l_know, loss, info):
-        """-> (``loss`` with its gradient replaced by the decoupled one, g_know). With
-        ``decouple_after="optimizer"`` the gradient is ``g_a + lambda_k g_k`` unprojected (the projection
-        then acts on the optimizer's update, :meth:`_project_update`)."""
+    def _most_reliable(self, ent, reliable):
+        """Indices of the ``know_queries`` reliable queries of lowest entropy (0: every reliable query)."""
+        k = int(reliable.sum()) if not self.hp["know_queries"] else min(self.hp["know_queries"], int(reliable.sum()))
+        ranked = torch.where(reliable, ent.detach(), torch.full_like(ent.detach(), float("inf")))
+        return torch.topk(ranked, k, largest=False).indices
+
+    def _query_scores(self, query_batch, g, ent, logits, reliable):
+        """Single-query scores ``d/dtheta -log p_i(y_i)`` of the most reliable queries, in order of entropy, with
+        ``y_i`` drawn from the batch's prediction ``p_i``. Each query is re-encoded alone; data-parallel, every
+        rank scores the queries of its own shard and the scores are gathered, so all ranks hold the same ones."""
+        chosen = self._most_reliable(ent, reliable)
+        labels = C.draw_labels(logits[chosen], self.generator)
+        start, stop = distributed.shard_bounds(len(ent))
+        rows, keys = [], []
+        for order, (i, y) in enumerate(zip(chosen.tolist(), labels)):
+            if start <= i < stop:
+                z = self._predict(self.encode_local(C.index_batch(query_batch, torch.tensor([i - start]))), g)
+                nll = torch.nn.functional.cross_entropy(z, y.view(1), reduction="sum")
+                grads = torch.autograd.grad(nll, self.params, allow_unused=True)
+                rows.append(torch.cat([(torch.zeros_like(p) if d is None else d).flatten()
+                                       for p, d in zip(self.params, grads)]))
+                keys.append(order)
+        size = sum(p.numel() for p in self.params)
+        rows, keys = distributed.all_gather_rows(
+            torch.stack(rows) if rows else torch.zeros(0, size, device=logits.device),
+            torch.tensor(keys, dtype=torch.long, device=logits.device))
+        sizes = [p.numel() for p in self.params]
+        return [[t.view_as(p) for t, p in zip(rows[k].split(sizes), self.params)] for k in torch.argsort(keys)]
+
+    def _fisher_protected(self, query_batch, g, ent, logits, reliable, loss, step, info):
+        """K5 (as EWC): while the queue fills, estimate the diagonal Fisher of the reliable queries' in-batch
+        predictions (labels drawn from those predictions, one backward per warm-up batch); at every step
+        ``g_k = F (theta - theta_0)``, the gradient of the quadratic expansion of K1's KL around the source,
+        with no source forward and no second backward. -> (loss, g_know or None)."""
+        if self.queue.accepts(self.batch_index, step) and reliable.any() and self.hp["fisher"] != "diag":
+            for grads in self._query_scores(query_batch, g, ent, logits, reliable):
+                self.fisher.add(grads)
+        elif self.queue.accepts(self.batch_index, step) and reliable.any():
+            nll = C.sampled_nll(logits[reliable], self.generator)
+            self.fisher.add(C.grads_of(nll, self.params, retain_graph=True), int(reliable.sum()))
+        if not len(self.fisher):
+            return loss, None
+        with C.one_thread():
+            g_know, info["l_know"] = self.fisher.knowledge(self.params, self._snapshot["params"].values())
+        return self._decoupled(loss, info, g_know=g_know)
+
+    def _subset_kl(self, query_batch, g, ent, reliable, loss, step, info):
+        """K1 on the ``know_queries`` most reliable queries (lowest entropy, chosen at the batch's first step):
+        the same KL to the source predictions over the batch's candidates, from a forward and backward of
+        those queries alone, so that g_k costs a fraction of the batch's backward. Their source embeddings are
+        computed once per batch, after g_a is taken (the parameter swap would invalidate its graph)."""
+        cached = self._know_subset
+        if step == 0 or cached is None or cached[0] != self.batch_index:
+            subset = None
+            if reliable.any():
+                subset = C.index_batch(query_batch, self._most_reliable(ent, reliable))
+            cached = self._know_subset = [self.batch_index, subset, None]
+        if cached[1] is None:
+            return loss, None
+        g_adapt = C.grads_of(loss, self.params)
+        if cached[2] is None:
+            cached[2] = self.encode_with_source(cached[1])
+        logits_k = self._predict(self.encode(cached[1]), g)
+        everyone = torch.ones(len(logits_k), dtype=torch.bool, device=logits_k.device)
+        l_know = C.kl_to_source(self._predict(cached[2], g), logits_k, everyone)
         info["l_know"] = C.scalar(l_know)
-        g_adapt = C.grads_of(loss, self.params, retain_graph=True)
-        g_know = C.grads_of(l_know, self.params)
+        return self._decoupled(loss, info, g_know=C.grads_of(l_know, self.params), g_adapt=g_adapt)
+
+    def _decoupled(self, loss, info, l_know=None, g_know=None, g_adapt=None):
+        """-> (``loss`` with its gradient replaced by the decoupled one, g_know): g_know given, or the gradient
+        of ``l_know`` (taken after g_adapt, from the same graph). With ``decouple_after="optimizer"`` the
+        gradient is ``g_a + lambda_k g_k`` unprojected (the projection then acts on the optimizer's update,
+        :meth:`_project_update`)."""
+        if g_adapt is None:
+            g_adapt = C.grads_of(loss, self.params, retain_graph=l_know is not None)
+        if l_know is not None:
+            g_know = C.grads_of(l_know, self.params)
         mode = "off" if self.hp["decouple_after"] == "optimizer" else self.hp["decouple"]
         with C.one_thread():  # parameter-sized ops only (components.one_thread)
             grads, diag = C.decouple_gradients(g_adapt, g_know, mode, self.hp["lambda_k"],
