@@ -11,6 +11,16 @@ The REST variant with the best score gives REST's defaults. The script also prin
 issue's bars measured against TCR on the validation streams (stream R@1 >= TCR + 1, forgetting at most half
 of TCR's) and the observation-4 diagnostics (angle between the adaptation and knowledge gradients, fraction of
 tensors in conflict). Prints Markdown; writes the numbers as JSON.
+
+Round 2 (``validation-rest-design-2``, cheaper knowledge gradients) adds one condition, fixed before that
+suite's results were read: issues 11 and 13 require REST's step time to be at most ``--max-step-ratio`` (1.3) x
+TCR's, so the default becomes the best-scoring variant that meets it (step times from the JSON line of
+``benchmarks/step_time.py``, ``--step-times``); the incumbent (``--incumbent``, K1 global) stays only if none
+does, and the score given up against it is printed:
+
+    python benchmarks/step_time.py --no-big | tail -1 > /tmp/step_time.json
+    python docs/validation_rest_design.py runs/validation-rest-design-2 --json docs/validation-rest-design-2.json \
+        --incumbent "rest K1 global" --step-times /tmp/step_time.json
 """
 
 from __future__ import annotations
@@ -72,6 +82,30 @@ def summarise(table: dict[str, dict[str, dict]]) -> dict:
     return {"queries": queries, "streams": streams, "variants": rows, "chosen": chosen}
 
 
+# variant label of the design suites -> its key in the JSON line of benchmarks/step_time.py
+# (benchmarks/step_time.py's "rest" is REST's default, since round 2 K5 block)
+STEP_TIME_KEYS = {"rest K1 global": "rest_know_kl_over_tcr", "rest K5 global": "rest_know_fisher_fisher_diag_over_tcr",
+                  "rest K5 block global": "rest_over_tcr",
+                  "rest K5 full global": "rest_know_fisher_fisher_full_over_tcr",
+                  "rest K1 sub8 global": "rest_know_kl_know_queries_8_over_tcr"}
+
+
+def apply_step_rule(summary: dict, incumbent: str, step_times: dict, max_ratio: float) -> dict:
+    """Round 2's rule: the best-scoring REST variant whose step time is at most ``max_ratio`` x TCR's; the
+    incumbent if none is. Adds each variant's ``step_over_tcr`` and its score minus the incumbent's."""
+    rows = summary["variants"]
+    for label, row in rows.items():
+        key = STEP_TIME_KEYS.get(label)
+        row["step_over_tcr"] = step_times.get(key) if key else None
+        if row["score"] is not None and rows[incumbent]["score"] is not None:
+            row["score_minus_incumbent"] = row["score"] - rows[incumbent]["score"]
+    admissible = [v for v, r in rows.items() if v.startswith("rest") and r["score"] is not None
+                  and r["step_over_tcr"] is not None and r["step_over_tcr"] <= max_ratio]
+    summary["chosen"] = max(admissible, key=lambda v: rows[v]["score"]) if admissible else incumbent
+    summary["rule"] = {"incumbent": incumbent, "max_step_ratio": max_ratio}
+    return summary
+
+
 def _mean_of(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -93,6 +127,10 @@ def markdown(s: dict) -> str:
                      f"{_f(r['single_r1'])} | {_f(r['stream_r1'])} | {_f(r.get('stream_r1_minus_tcr'), True)} | "
                      f"{_f(r['stream_forgetting'], True)} | {_f(r.get('forgetting_ratio_to_tcr'))} | "
                      f"{_f(r['grad_angle'])} | {_f(r['conflict_frac'])} |")
+    if "rule" in s:
+        lines += ["", f"| variant | step time / TCR's | score - {s['rule']['incumbent']}'s |", "|---|---|---|"]
+        lines += [f"| {v} | {_f(r.get('step_over_tcr'))} | {_f(r.get('score_minus_incumbent'), True)} |"
+                  for v, r in s["variants"].items() if v.startswith("rest")]
     return "\n".join(lines)
 
 
@@ -100,8 +138,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="the bench output directory of the validation-rest-design suite")
     parser.add_argument("--json", default=os.path.join(HERE, "validation-rest-design.json"))
+    parser.add_argument("--incumbent", help="round 2: the default that stays unless a candidate beats it (a label)")
+    parser.add_argument("--step-times", help="round 2: the JSON line printed by benchmarks/step_time.py")
+    parser.add_argument("--max-step-ratio", type=float, default=1.3)
     args = parser.parse_args()
     summary = summarise(read_runs(args.out))
+    if args.incumbent:
+        if not args.step_times:
+            raise SystemExit("--incumbent needs --step-times (the JSON line of benchmarks/step_time.py)")
+        with open(args.step_times) as f:
+            summary = apply_step_rule(summary, args.incumbent, json.loads(f.read().strip().splitlines()[-1]),
+                                      args.max_step_ratio)
     with open(args.json, "w") as f:
         json.dump(summary, f, indent=1)
     print(f"{len(summary['queries'])} validation queries ({len(summary['streams'])} streams); "
