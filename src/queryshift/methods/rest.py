@@ -285,8 +285,9 @@ class REST(Method):
         return [[t.view_as(p) for t, p in zip(rows[k].split(sizes), self.params)] for k in torch.argsort(keys)]
 
     def _fisher_protected(self, query_batch, g, ent, logits, reliable, loss, step, info):
-        """K5 (as EWC): while the queue fills, estimate the diagonal Fisher of the reliable queries' in-batch
-        predictions (labels drawn from those predictions, one backward per warm-up batch); at every step
+        """K5 (as EWC): while the queue fills, estimate the Fisher of the reliable queries' in-batch predictions
+        from labels drawn from those predictions (``fisher="diag"``: one backward of the batch per warm-up
+        batch; "block" / "full": one query's score at a time, :meth:`_query_scores`); at every step
         ``g_k = F (theta - theta_0)``, the gradient of the quadratic expansion of K1's KL around the source,
         with no source forward and no second backward. -> (loss, g_know or None)."""
         if self.queue.accepts(self.batch_index, step) and reliable.any() and self.hp["fisher"] != "diag":
