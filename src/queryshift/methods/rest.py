@@ -277,11 +277,10 @@ class REST(Method):
                 rows.append(torch.cat([(torch.zeros_like(p) if d is None else d).flatten()
                                        for p, d in zip(self.params, grads)]))
                 keys.append(order)
-        size = sum(p.numel() for p in self.params)
-        rows, keys = distributed.all_gather_rows(
-            torch.stack(rows) if rows else torch.zeros(0, size, device=logits.device),
-            torch.tensor(keys, dtype=torch.long, device=logits.device))
         sizes = [p.numel() for p in self.params]
+        rows, keys = distributed.all_gather_rows(
+            torch.stack(rows) if rows else torch.zeros(0, sum(sizes), device=logits.device),
+            torch.tensor(keys, dtype=torch.long, device=logits.device))
         return [[t.view_as(p) for t, p in zip(rows[k].split(sizes), self.params)] for k in torch.argsort(keys)]
 
     def _fisher_protected(self, query_batch, g, ent, logits, reliable, loss, step, info):
