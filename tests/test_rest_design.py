@@ -265,12 +265,14 @@ def _fisher_by_hand(fisher, named_params, source):
     deltas = [p.detach() - source[n] for n, p in named_params]
     if isinstance(fisher, C.DiagonalFisher):
         return [t / fisher.count * d for t, d in zip(fisher.total, deltas)]
-    u, flat = torch.stack(fisher.rows), torch.cat([d.flatten() for d in deltas])
-    fd = u.T @ (u @ flat) / len(u)
-    return [t.view_as(d) for t, d in zip(fd.split([d.numel() for d in deltas]), deltas)]
+    u, sizes = torch.stack(fisher.rows), [d.numel() for d in deltas]
+    if not fisher.full:  # block: each tensor's own block U_t^T U_t / n
+        return [(ut.T @ (ut @ d.flatten()) / len(u)).view_as(d) for ut, d in zip(u.split(sizes, dim=1), deltas)]
+    fd = u.T @ (u @ torch.cat([d.flatten() for d in deltas])) / len(u)
+    return [t.view_as(d) for t, d in zip(fd.split(sizes), deltas)]
 
 
-@pytest.mark.parametrize("kind", ["diag", "full"])
+@pytest.mark.parametrize("kind", ["diag", "block", "full"])
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_k5_collects_the_fisher_in_the_warm_up_then_protects_it_with_no_extra_pass(tiny, monkeypatch, modality,  # noqa: F811
                                                                                     kind):
