@@ -12,7 +12,8 @@ loss, no optimizer). Methods first run ``--warmup`` steps so that TCR/REST queue
 as in most of a stream.
 
 Backbones: ``shapes-clip`` (the bundled checkpoint) at ``--batch-size`` (64), and a random ViT-B/16 CLIP
-(``openclip:ViT-B-16/random``) at ``--big-batch-size`` (4) unless ``--no-big``. Ends with one JSON line
+(``openclip:ViT-B-16/random``) at ``--big-batch-size`` (4) with ``--big-methods`` (source, tent, tcr, rest)
+after ``--big-warmup`` (12) steps, unless ``--no-big``. Ends with one JSON line
 holding ``rest_over_tcr`` and ``tcr_over_fwdbwd`` (shapes-clip), and every measured median.
 
     python benchmarks/step_time.py [--rounds 30] [--threads 2]
@@ -64,12 +65,13 @@ def fwd_bwd(model, params, modality: str, batch):
         p.grad = None
 
 
-def measure(spec: str, batch_size: int, rounds: int, warmup: int, direction: str, shift: str) -> dict:
+def measure(spec: str, batch_size: int, rounds: int, warmup: int, direction: str, shift: str,
+            names: tuple[str, ...] = METHODS) -> dict:
     dataset = load_dataset("shapes")
     modality = "image" if direction == "i2t" else "text"
     runners = {}
     gallery = None
-    for name in METHODS:
+    for name in names:
         model = load_source(spec, 0)  # the same seeded weights for every method
         if gallery is None:  # encoded once per backbone
             gallery = encode_all(model, dataset, "text" if modality == "image" else "image", batch_size=256)
@@ -107,22 +109,31 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--big-batch-size", type=int, default=4)
     p.add_argument("--big-rounds", type=int, default=5)
+    p.add_argument("--big-warmup", type=int, default=12,
+                   help="ViT-B/16 steps before timing; fewer than 10 times REST inside the queue's warm-up")
+    p.add_argument("--big-methods", default="source,tent,tcr,rest",
+                   help="methods timed on ViT-B/16 (comma-separated; the design candidates run on shapes-clip)")
     p.add_argument("--no-big", dest="big", action="store_false", help="skip the ViT-B/16 backbone")
     p.add_argument("--direction", choices=["i2t", "t2i"], default="i2t")
     p.add_argument("--shift", default="gaussian_noise:3", help="query shift of the batch (image queries)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     shift = args.shift if args.direction == "i2t" else "RandomCharAug_swap:3"
-    backbones = [("shapes-clip", args.batch_size, args.rounds)]
+    backbones = [("shapes-clip", args.batch_size, args.rounds, args.warmup, METHODS)]
     if args.big:
-        backbones.append(("openclip:ViT-B-16/random", args.big_batch_size, args.big_rounds))
+        big_methods = tuple(args.big_methods.split(","))
+        unknown = [m for m in big_methods if m not in METHODS]
+        if unknown or not {"source", "tcr"} <= set(big_methods):  # the ratios are taken against these
+            p.error(f"--big-methods: unknown {unknown} or source/tcr missing; choose from {', '.join(METHODS)}")
+        backbones.append(("openclip:ViT-B-16/random", args.big_batch_size, args.big_rounds, args.big_warmup,
+                          big_methods))
     result: dict = {"threads": args.threads, "direction": args.direction, "shift": shift}
     print(f"median step time, steps=1, {args.threads} threads, {args.direction}, shift {shift}")
     print("| backbone | batch | method | ms/step | x source | x fwd+bwd | x tcr | warm-up ms/step |")
     print("|---|---|---|---|---|---|---|---|")
-    for spec, batch_size, rounds in backbones:
-        med = measure(spec, batch_size, rounds, args.warmup if spec == "shapes-clip" else 2, args.direction, shift)
-        for name in ("fwd+bwd", *METHODS):
+    for spec, batch_size, rounds, warmup, names in backbones:
+        med = measure(spec, batch_size, rounds, warmup, args.direction, shift, names)
+        for name in ("fwd+bwd", *names):
             warm = f"{1000 * med[name + '_warmup']:.1f}" if name + "_warmup" in med else "-"
             print(f"| {spec} | {batch_size} | {name} | {1000 * med[name]:.1f} | {med[name] / med['source']:.2f} | "
                   f"{med[name] / med['fwd+bwd']:.2f} | {med[name] / med['tcr']:.2f} | {warm} |")

@@ -358,6 +358,7 @@ class SampledFisher:
         self.full = bool(full)
         self.rows: list[torch.Tensor] = []
         self.shapes: list[torch.Size] | None = None
+        self._stacked: torch.Tensor | None = None  # U, stacked once per change of rows, not at every step
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -372,14 +373,16 @@ class SampledFisher:
     @torch.no_grad()
     def knowledge(self, params: Sequence[torch.Tensor], source: Sequence[torch.Tensor]):
         """-> (``F (theta - theta_0)`` per tensor, ``0.5 d^T F d`` as a float)."""
-        u = torch.stack(self.rows)  # n x P
+        if self._stacked is None or len(self._stacked) != len(self.rows):
+            self._stacked = torch.stack(self.rows)
+        u = self._stacked  # n x P
         d = torch.cat([(p.detach() - s).flatten() for p, s in zip(params, source)])
+        sizes = [p.numel() for p in params]
         if self.full:
             fd = u.T @ (u @ d) / len(u)
         else:
-            sizes = [p.numel() for p in params]
             fd = torch.cat([ut.T @ (ut @ dt) for ut, dt in zip(u.split(sizes, dim=1), d.split(sizes))]) / len(u)
-        grads = [t.view_as(p) for t, p in zip(fd.split([p.numel() for p in params]), params)]
+        grads = [t.view_as(p) for t, p in zip(fd.split(sizes), params)]
         return grads, 0.5 * float(fd @ d)
 
 
