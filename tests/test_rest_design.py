@@ -260,6 +260,24 @@ def test_sampled_fisher_by_hand():
         assert math.isclose(value, 0.5 * float(d @ f @ d), rel_tol=1e-6)
 
 
+def test_sampled_fisher_uses_rows_added_after_a_query_and_checkpoints_without_the_stacked_copy():
+    params, source = [torch.tensor([2.0, 0.0]), torch.tensor([3.0])], [torch.zeros(2), torch.zeros(1)]
+    fisher = C.SampledFisher(full=True)
+    fisher.add([torch.tensor([1.0, 2.0]), torch.tensor([3.0])])
+    fisher.knowledge(params, source)  # stacks the one row
+    fisher.add([torch.tensor([0.0, 1.0]), torch.tensor([-1.0])])
+    rows = torch.stack(fisher.rows)
+    d = torch.cat([p - s for p, s in zip(params, source)])
+    grads, _ = fisher.knowledge(params, source)  # a stale stack (one row) would give another answer
+    assert torch.allclose(torch.cat(grads), rows.T @ (rows @ d) / 2)
+    saved = copy.deepcopy(fisher)  # what a checkpoint holds (Method._capture deep-copies state_attrs)
+    assert saved._stacked is None and len(saved) == 2
+    assert torch.allclose(torch.cat(saved.knowledge(params, source)[0]), torch.cat(grads))
+    legacy = C.SampledFisher.__new__(C.SampledFisher)  # pickled before the stacked cache existed
+    legacy.__setstate__({k: v for k, v in fisher.__dict__.items() if k != "_stacked"})
+    assert torch.allclose(torch.cat(legacy.knowledge(params, source)[0]), torch.cat(grads))
+
+
 def _fisher_by_hand(fisher, named_params, source):
     """F (theta - theta_0) from the estimate's stored statistics, written out."""
     deltas = [p.detach() - source[n] for n, p in named_params]

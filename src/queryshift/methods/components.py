@@ -360,6 +360,12 @@ class SampledFisher:
         self.shapes: list[torch.Size] | None = None
         self._stacked: torch.Tensor | None = None  # U, stacked once per change of rows, not at every step
 
+    def __getstate__(self) -> dict:  # checkpoints keep the rows, not a second copy of them
+        return {**self.__dict__, "_stacked": None}
+
+    def __setstate__(self, state: dict) -> None:  # also checkpoints written before the cache existed
+        self.__dict__.update({"_stacked": None, **state})
+
     def __len__(self) -> int:
         return len(self.rows)
 
