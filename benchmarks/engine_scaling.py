@@ -95,6 +95,8 @@ def main() -> None:
                    help="which measurements to run (comma-separated subset of the default)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
+    if unknown := parts - {"queries", "gallery", "indexes", "throughput"}:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from queries, gallery, indexes, throughput")
     torch.set_num_threads(args.threads)
     result: dict = {"by_queries": [], "by_gallery": [], "by_index": []}
     counts = [int(q) for q in args.queries.split(",")]
