@@ -115,7 +115,7 @@ def main() -> None:
             for spec in split_specs(args.indexes):
                 row = {"index": spec}
                 for q in (min(counts), max(counts)):
-                    mb = peak_mb(register(args.gallery, q // args.gallery), cache, args.batch_size, row["index"])
+                    mb = peak_mb(register(args.gallery, q // args.gallery), cache, args.batch_size, spec)
                     row[f"peak_extra_mb_{q}"] = round(mb, 1)
                 result["by_index"].append(row)
         if "throughput" in parts:
