@@ -93,3 +93,24 @@ def test_init_must_exist(tmp_path, capsys):
     assert cli_main(["train-source", "--init", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "m.pt"),
                      "--no-progress"]) == 2
     assert "--init: no checkpoint at" in capsys.readouterr().err
+
+
+def test_view_cache_is_not_shared_with_a_patched_rendering(tmp_path, monkeypatch):
+    """An experiment that swaps the general corpus's photo variation must not read (or leave) the shipped views."""
+    from queryshift.commands.train_source import render_cached
+    from queryshift.data import shapes_general
+
+    args = ("train", 3, 1, True, 0, str(tmp_path))
+    shipped, _, _ = render_cached(*args, workers=1)
+    assert len(list(tmp_path.iterdir())) == 1
+    again, _, _ = render_cached(*args, workers=1)
+    assert torch.equal(again, shipped) and len(list(tmp_path.iterdir())) == 1  # same code: the cache is reused
+
+    def inverted(image, rng):
+        from PIL import ImageOps
+        return ImageOps.invert(image)
+
+    monkeypatch.setattr(shapes_general, "photo_variation", inverted)
+    patched, _, _ = render_cached(*args, workers=1)
+    assert len(list(tmp_path.iterdir())) == 2  # a view cache of its own
+    assert not torch.equal(patched, shipped)

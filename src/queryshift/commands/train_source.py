@@ -101,6 +101,27 @@ def _render_chunk(job):
     return render_views(*job)
 
 
+def rendering_code(modules) -> str:
+    """The code the views are made from, for the cache key: each module's source, plus the source of every
+    function bound in it that it does not define itself, as bound now. An experiment that patches
+    ``shapes_general.photo_variation`` thus gets its own views instead of the shipped ones (and the
+    shipped recipe never reads an experiment's views). Values changed at run time (a patched table of
+    strengths) are not seen: such an experiment needs a cache directory of its own."""
+    import inspect
+
+    parts = []
+    for module in modules:
+        parts.append(inspect.getsource(module))
+        for name, value in sorted(vars(module).items()):
+            if inspect.isfunction(value) and value.__module__ != module.__name__:
+                try:
+                    body = inspect.getsource(value)
+                except (OSError, TypeError):  # defined where no source is kept (a REPL): its bytecode
+                    body = value.__code__.co_code.hex() + repr(value.__code__.co_consts)
+                parts.append(f"{module.__name__}.{name} = {value.__module__}.{value.__qualname__}\n{body}")
+    return "".join(parts)
+
+
 def render_cached(split: str, n: int, views: int, general: bool, seed: int, cache_dir: str | None,
                   workers: int):
     """-> uint8 pixels (n, views, 64, 64, 3), captions per image, colour group per image.
@@ -110,7 +131,6 @@ def render_cached(split: str, n: int, views: int, general: bool, seed: int, cach
     of the rendering modules, so an edit to the corpus never reuses stale pixels.
     """
     import hashlib
-    import inspect
 
     from ..data import shapes, shapes_general
     from ..data.shapes import sample_scene
@@ -118,7 +138,7 @@ def render_cached(split: str, n: int, views: int, general: bool, seed: int, cach
 
     path = None
     if cache_dir:
-        code = "".join(inspect.getsource(m) for m in (shapes, shapes_general, domain))
+        code = rendering_code((shapes, shapes_general, domain))
         key = hashlib.sha256(f"{split}:{n}:{views}:{general}:{seed}:{code}".encode()).hexdigest()[:16]
         path = os.path.join(cache_dir, f"shapes-{split}-{n}-{'general' if general else 'clean'}-{views}v-{key}.pt")
         if os.path.isfile(path):
