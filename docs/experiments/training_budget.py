@@ -100,6 +100,10 @@ if __name__ == "__main__":
         result[name] = {"models": {"custom": custom, "general": general}, "clean_by_objects": by_object_count(custom),
                         "regime": {k: m[k] for k in ("clean_5k", "custom_styles", "general_styles",
                                                      "image_corruptions", "text_corruptions", "conditions")}}
-    with open(os.path.join(HERE, "training_budget.json"), "w") as f:
+    path = os.path.join(HERE, "training_budget.json")
+    if os.path.exists(path):  # keep the hand-written record of how the committed numbers were trained
+        with open(path) as f:
+            result = {"run": json.load(f).get("run"), **result}
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
