@@ -29,6 +29,7 @@ from queryshift.cli import main
 from queryshift.data import load_dataset
 from queryshift.data.shapes import sample_scene
 from queryshift.engine import encode_all
+from queryshift.metrics import batch_ranks, recall_at_k
 from queryshift.models import load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,13 +65,13 @@ def by_object_count(spec: str) -> dict:
     for data, split in (("shapes", "test"), ("shapes-5k", "test5k")):
         dataset = load_dataset(data)
         images, texts = encode_all(model, dataset, "image", 250), encode_all(model, dataset, "text", 250)
-        counts = np.array([len(sample_scene(split, i).objects) for i in range(len(images))])
-        i2t = (images @ texts.T).argmax(1).numpy() // 5 == np.arange(len(images))
-        t2i = (texts @ images.T).argmax(1).numpy() == np.arange(len(texts)) // 5
-        row = {"i2t": round(100 * i2t.mean(), 2), "t2i": round(100 * t2i.mean(), 2)}
+        objects = np.array([len(sample_scene(split, i).objects) for i in range(len(images))])
+        ranks = {"i2t": np.array(batch_ranks(images @ texts.T, dataset.img2txt)[0]),
+                 "t2i": np.array(batch_ranks(texts @ images.T, dataset.txt2img)[0])}
+        per_query = {"i2t": objects, "t2i": objects[[group[0] for group in dataset.txt2img]]}
+        row = {d: round(recall_at_k(r, 1), 2) for d, r in ranks.items()}
         for n in (1, 2, 3):
-            row[f"{n}_objects"] = {"i2t": round(100 * i2t[counts == n].mean(), 2),
-                                   "t2i": round(100 * t2i[np.repeat(counts, 5) == n].mean(), 2)}
+            row[f"{n}_objects"] = {d: round(recall_at_k(r[per_query[d] == n], 1), 2) for d, r in ranks.items()}
         out[data] = row
     return out
 
@@ -93,11 +94,15 @@ if __name__ == "__main__":
         "long_custom": (f"openclip:qs-shapes@{work}/long_custom.pt", "shapes-clip-general"),
         "scratch": (f"openclip:qs-shapes@{work}/scratch_custom.pt", f"openclip:qs-shapes@{work}/scratch_general.pt"),
     }
-    result = {"trained_minutes_this_run": minutes}
+    result = {"trained_minutes_this_run": minutes} if minutes else {}
     for name, (custom, general) in variants.items():
-        m = regime(work, name, custom, general) if name != "shipped" else json.load(
-            open(os.path.join(HERE, "..", "shapes-regime.json")))
-        result[name] = {"models": {"custom": custom, "general": general}, "clean_by_objects": by_object_count(custom),
+        if name == "shipped":  # the committed regime of the shipped models, measured the same way
+            with open(os.path.join(HERE, "..", "shapes-regime.json")) as f:
+                m = json.load(f)
+        else:
+            m = regime(work, name, custom, general)
+        result[name] = {"models": {"custom": custom.replace(work, "WORK"), "general": general.replace(work, "WORK")},
+                        "clean_by_objects": by_object_count(custom),
                         "regime": {k: m[k] for k in ("clean_5k", "custom_styles", "general_styles",
                                                      "image_corruptions", "text_corruptions", "conditions")}}
     path = os.path.join(HERE, "training_budget.json")
