@@ -38,7 +38,8 @@ QUEUE_BATCHES = 10  # the queue's warm-up (TCR and REST defaults): steps=1, so t
 # "rest" is its default (K5 with per-tensor Fisher blocks); the others are the design candidates of issue 11
 METHODS = ("source", "tent", "tcr", "rest", "rest:know=kl", "rest:know=reliable", "rest:know=anchors",
            "rest:know=fisher,fisher=diag", "rest:know=fisher,fisher=full", "rest:know=kl,know_queries=8",
-           "rest:know=kl,know_queries=16")
+           "rest:know=kl,know_queries=16", "rest:decouple=off,lambda_k=3", "rest:decouple=off,lambda_k=10",
+           "rest:lambda_k=3", "rest:keep=0.5")
 
 
 def query_batch(model, dataset, modality: str, batch_size: int, shift: str):

@@ -223,6 +223,7 @@ def test_decouple_global_projects_concatenation():
     expected = math.degrees(math.acos(-0.5 / (math.sqrt(2) * math.sqrt(1.25))))
     assert close(info["grad_angle"], expected, 1e-4) and info["grad_angle"] > 90
     assert info["conflict_frac"] == 0.5
+    assert close(info["know_norm_ratio"], math.sqrt(1.25) / math.sqrt(2), 1e-6)  # ||g_k|| / ||g_a||, global
     # per-tensor on the same pair: tensor 0 projected to 0, tensor 1 unchanged
     out_t, _ = C.decouple_gradients(ga, gk, "tensor")
     assert torch.allclose(out_t[0], torch.zeros(2)) and torch.equal(out_t[1], ga[1])
@@ -247,6 +248,7 @@ def test_decouple_off_lambda_and_zero_know_gradient():
     assert torch.allclose(out[0], torch.tensor([-1.0, 0.0]))  # projected to 0, then + g_k
     out, info = C.decouple_gradients(ga, [torch.zeros(2)], "tensor")
     assert torch.equal(out[0], ga[0]) and "grad_angle" not in info and info["conflict_frac"] == 0.0
+    assert "know_norm_ratio" not in info
     with pytest.raises(ValueError):
         C.decouple_gradients(ga, gk, "sideways")
 

@@ -505,7 +505,7 @@ def decouple_gradients(
     mode "off": no projection (only the ``lambda_k`` term).
     Both lists hold one tensor per parameter (see :func:`grads_of`). Returns (new gradients,
     diagnostics): ``grad_angle`` (degrees, between the global g_a and g_k, before any change; absent
-    when either is zero) and
+    when either is zero), ``know_norm_ratio`` (``||g_k|| / ||g_a||``, absent with it) and
     ``conflict_frac`` (fraction of the tensors with both gradients non-zero whose inner product is < 0).
     """
     if mode not in ("tensor", "global", "off"):
@@ -519,6 +519,7 @@ def decouple_gradients(
     dot, na, nk = sum(dots), math.sqrt(sum(na2)), math.sqrt(sum(nk2))
     if na > 0 and nk > 0 and math.isfinite(dot / (na * nk)):
         info["grad_angle"] = math.degrees(math.acos(max(-1.0, min(1.0, dot / (na * nk)))))
+        info["know_norm_ratio"] = nk / na  # how strongly lambda_k g_k pulls against g_a (scale of lambda_k)
     # cos(90 degrees) is 6e-17 in floating point: the default must test the sign exactly
     cos_m = 0.0 if margin_deg == 90.0 else math.cos(math.radians(margin_deg))
 
