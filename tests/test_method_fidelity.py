@@ -156,10 +156,10 @@ def test_tcr_empty_rem_selection_updates_with_the_tcr_codes_gradient(tiny):
 
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_rest_without_its_additions_is_tcr(tiny, modality):
-    """rest(decouple=off, w_con=0, log_angle=False) = tcr: same ranks, losses and parameters, also on a
+    """rest(decouple=off, lambda_k=0, w_con=0, log_angle=False) = tcr: same ranks, losses and parameters, also on a
     batch with an empty reliable selection."""
     runs = {}
-    rest_as_tcr = {"decouple": "off", "w_con": 0.0, "log_angle": False}
+    rest_as_tcr = {"decouple": "off", "lambda_k": 0.0, "w_con": 0.0, "log_angle": False}
     for name, hp in (("tcr", {"queue_batches": 1}), ("rest", {"queue_batches": 1, **rest_as_tcr})):
         m = make(tiny, name, modality, steps=2, hparams=hp)
         logs, ranks = [], []

@@ -217,7 +217,7 @@ def test_sar_reset_rule(setup):
 
 @pytest.mark.parametrize("hp", [
     {"decouple": "global"}, {"decouple": "off", "lambda_k": 0.5}, {"refine": False}, {"topk": 3},
-    {"decouple": "off", "log_angle": False}, {"w_ent": 0.0, "w_con": 0.0},
+    {"decouple": "off", "lambda_k": 0.0, "log_angle": False}, {"w_ent": 0.0, "w_con": 0.0},
 ])
 def test_rest_variants_and_diagnostics(setup, hp):
     method = build(setup, "rest", "text", steps=2, **hp)

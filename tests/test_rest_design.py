@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from queryshift.methods import components as C
+from queryshift.methods.rest import REST
 from tests.test_method_fidelity import adapted, make, tiny  # noqa: F401  (fixture)
 
 
@@ -83,7 +84,8 @@ def _take_steps(m, xs):
 def test_k2_knowledge_gradient_is_the_anchor_consistency_and_the_sgd_update_respects_it(tiny, monkeypatch,  # noqa: F811
                                                                                          modality, decouple):
     m = make(tiny, "rest", modality, steps=1, optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0,
-             hparams={"know": "anchors", "n_anchors": 4, "queue_batches": 2, "decouple": decouple})
+             hparams={"know": "anchors", "n_anchors": 4, "queue_batches": 2, "decouple": decouple,
+                      "lambda_k": 0.0})
     xs = tiny[2][modality]
     for g in m.optimizer.param_groups:
         g["lr"] = 1e-2
@@ -152,7 +154,7 @@ def test_source_forward_once_per_batch_and_no_know_backward_without_decoupling(t
     m.step(xs[0])
     m.step(xs[1])
     assert len(calls) == 2  # one source forward per batch, not one per step
-    off = make(tiny, "rest", "image", steps=1, hparams={"decouple": "off", "queue_batches": 1})
+    off = make(tiny, "rest", "image", steps=1, hparams={"decouple": "off", "lambda_k": 0.0, "queue_batches": 1})
     grads = []
     real = C.grads_of
     monkeypatch.setattr(C, "grads_of", lambda *a, **k: grads.append(1) or real(*a, **k))
@@ -295,7 +297,7 @@ def _fisher_by_hand(fisher, named_params, source):
 def test_k5_collects_the_fisher_in_the_warm_up_then_protects_it_with_no_extra_pass(tiny, monkeypatch, modality,  # noqa: F811
                                                                                     kind):
     m = make(tiny, "rest", modality, steps=1, optimizer="sgd", lr=1e-2, momentum=0.0, weight_decay=0.0,
-             hparams={"know": "fisher", "fisher": kind, "queue_batches": 2, "decouple": "global"})
+             hparams={"know": "fisher", "fisher": kind, "queue_batches": 2, "decouple": "global", "lambda_k": 0.0})
     xs = tiny[2][modality]
     _take_steps(m, xs[:2])
     # diag: one estimate per warm-up batch; full: one score per reliable query of the warm-up batches
@@ -349,3 +351,35 @@ def test_k5_fisher_survives_a_checkpoint(tiny, kind):  # noqa: F811
     source = list(m._snapshot["params"].values())
     a, b = m.fisher.knowledge(m.params, source), m2.fisher.knowledge(m2.params, source)
     assert a[1] == b[1] and a[1] > 0 and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_the_default_pulls_the_update_back_along_the_fisher_by_lambda_k(tiny, monkeypatch, modality):  # noqa: F811
+    """REST's default since round 3 (docs/rest.md): no projection; the update follows ``g_a + lambda_k g_k`` with
+    ``g_k = F (theta - theta_0)`` (K5, per-tensor Fisher blocks): with plain SGD the step is exactly
+    ``-lr (g_a + 10 F (theta - theta_0))``, g_a the adaptation gradient alone."""
+    assert {k: REST.defaults[k] for k in ("know", "fisher", "decouple", "lambda_k")} == {
+        "know": "fisher", "fisher": "block", "decouple": "off", "lambda_k": 10.0}
+    m = make(tiny, "rest", modality, steps=1, optimizer="sgd", lr=1e-2, momentum=0.0, weight_decay=0.0,
+             hparams={"queue_batches": 2})
+    xs = tiny[2][modality]
+    _take_steps(m, xs[:2])
+    adapt_grads = []
+    real = C.decouple_gradients
+    monkeypatch.setattr(C, "decouple_gradients",
+                        lambda g_adapt, *a, **k: adapt_grads.append([g.clone() for g in g_adapt]) or real(g_adapt, *a, **k))
+    source = m._snapshot["params"]
+    lr, pulled = 0.3, 0
+    for g in m.optimizer.param_groups:
+        g["lr"] = lr
+    for x in [xs[2], xs[0], xs[1]] * 2:
+        adapt_grads.clear()
+        g_k = _fisher_by_hand(m.fisher, m.named_params, source)
+        before = adapted(m)
+        _, log = m.step(x)
+        assert "skipped" not in log and len(adapt_grads) == 1
+        for ga, gk, (n, p) in zip(adapt_grads[0], g_k, m.named_params):
+            expected = before[n] - lr * (ga + 10.0 * gk)
+            assert torch.allclose(p.detach(), expected, rtol=1e-4, atol=1e-7), n
+        pulled += any(float(gk.abs().max()) > 0 for gk in g_k)
+    assert pulled >= 5  # the parameters had left the source: the pull was exercised
