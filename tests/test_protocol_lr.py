@@ -89,3 +89,9 @@ def test_bench_refuses_runs_made_under_other_method_defaults(tmp_path, capsys, m
     monkeypatch.setitem(tent.defaults, key, tent.defaults[key] * 2)  # a default changes later
     assert cli_main(argv) == 2
     assert f"other tent hyper-parameters (its defaults changed since: {key} " in capsys.readouterr().err
+    # spelling the old value out asks for the run that was made: it is reused, not refused
+    old_value = tent.defaults[key] / 2
+    assert cli_main([*argv, "--hparam", f"{key}={old_value}"]) == 0
+    # a value the run did not use is still refused
+    assert cli_main([*argv, "--hparam", f"{key}={old_value * 3}"]) == 2
+    assert "holds a finished run with other settings (hparams" in capsys.readouterr().err
