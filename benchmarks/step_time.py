@@ -35,11 +35,13 @@ from queryshift.engine.stream import QueryItems, collate, to_model_input
 
 QUEUE_BATCHES = 10  # the queue's warm-up (TCR and REST defaults): steps=1, so the first 10 steps
 
-# "rest" is its default (K5 with per-tensor Fisher blocks); the others are the design candidates of issue 11
+# "rest" is its default (K5 with per-tensor Fisher blocks, as an EWC pull since round 3); the others are the
+# design candidates of issue 11 ("rest:decouple=global,lambda_k=0" is round 2's default)
 METHODS = ("source", "tent", "tcr", "rest", "rest:know=kl", "rest:know=reliable", "rest:know=anchors",
            "rest:know=fisher,fisher=diag", "rest:know=fisher,fisher=full", "rest:know=kl,know_queries=8",
            "rest:know=kl,know_queries=16", "rest:decouple=off,lambda_k=3", "rest:decouple=off,lambda_k=10",
-           "rest:lambda_k=3", "rest:keep=0.5")
+           "rest:decouple=global,lambda_k=3", "rest:decouple=global,lambda_k=0,keep=0.5",
+           "rest:decouple=global,lambda_k=0")
 
 
 def query_batch(model, dataset, modality: str, batch_size: int, shift: str):

@@ -91,16 +91,17 @@ def summarise(table: dict[str, dict[str, dict]]) -> dict:
 
 
 # variant label of the design suites -> its key in the JSON line of benchmarks/step_time.py
-# (benchmarks/step_time.py's "rest" is REST's default, since round 2 K5 block)
+# (benchmarks/step_time.py's "rest" is REST's default: K5 block with a global projection in round 2, when the
+# rounds 2 and 3 suites were timed; the EWC pull since round 3, so K5 block global has its own key now)
 STEP_TIME_KEYS = {"rest K1 global": "rest_know_kl_over_tcr", "rest K5 global": "rest_know_fisher_fisher_diag_over_tcr",
-                  "rest K5 block global": "rest_over_tcr",
+                  "rest K5 block global": "rest_decouple_global_lambda_k_0_over_tcr",
                   "rest K5 full global": "rest_know_fisher_fisher_full_over_tcr",
                   "rest K1 sub8 global": "rest_know_kl_know_queries_8_over_tcr",
                   # round 3: K5 block's knowledge gradient combined otherwise
                   "rest K5 ewc 3": "rest_decouple_off_lambda_k_3_over_tcr",
                   "rest K5 ewc 10": "rest_decouple_off_lambda_k_10_over_tcr",
-                  "rest K5 global pull 3": "rest_lambda_k_3_over_tcr",
-                  "rest K5 global keep 0.5": "rest_keep_0.5_over_tcr"}
+                  "rest K5 global pull 3": "rest_decouple_global_lambda_k_3_over_tcr",
+                  "rest K5 global keep 0.5": "rest_decouple_global_lambda_k_0_keep_0.5_over_tcr"}
 
 
 def apply_step_rule(summary: dict, incumbent: str, step_times: dict, max_ratio: float,
