@@ -19,7 +19,8 @@ Per step (``Q`` query embeddings with gradient, ``S = Q G^T`` returned as scores
   on the reliable queries, ``p_source`` from ``encode_with_source`` (source LN parameters, no grad).
   ``g_a = grad L_adapt``, ``g_k = grad L_know`` (one forward, two autograd.grad calls); ``decouple``
   "tensor" / "global" projects g_a off g_k where ``<g_a, g_k> < 0``, "off" (default since round 3) does not;
-  the update uses ``g_a + lambda_k g_k`` (``lambda_k`` 10 by default: the knowledge gradient as a pull). The result goes through ``Method.update`` via ``surrogate_loss``.
+  the update uses ``g_a + lambda_k g_k`` (``lambda_k`` 10 by default: the knowledge gradient as a pull).
+  The result goes through ``Method.update`` via ``surrogate_loss``.
   The angle diagnostics are free when decoupling is on; with ``decouple="off"`` and ``lambda_k`` 0,
   L_know and its backward are skipped unless ``log_angle`` asks for them (default False).
 - **the design space of the REST issue** (all *our reading*; the default is K5 with per-tensor Fisher
