@@ -39,7 +39,7 @@ QUEUE_BATCHES = 10  # the queue's warm-up (TCR and REST defaults): steps=1, so t
 # design candidates of issue 11 ("rest:decouple=global,lambda_k=0" is round 2's default)
 METHODS = ("source", "tent", "tcr", "rest", "rest:know=kl", "rest:know=reliable", "rest:know=anchors",
            "rest:know=fisher,fisher=diag", "rest:know=fisher,fisher=full", "rest:know=kl,know_queries=8",
-           "rest:know=kl,know_queries=16", "rest:decouple=off,lambda_k=3", "rest:decouple=off,lambda_k=10",
+           "rest:know=kl,know_queries=16", "rest:decouple=off,lambda_k=3",
            "rest:decouple=global,lambda_k=3", "rest:decouple=global,lambda_k=0,keep=0.5",
            "rest:decouple=global,lambda_k=0")
 

@@ -99,7 +99,7 @@ STEP_TIME_KEYS = {"rest K1 global": "rest_know_kl_over_tcr", "rest K5 global": "
                   "rest K1 sub8 global": "rest_know_kl_know_queries_8_over_tcr",
                   # round 3: K5 block's knowledge gradient combined otherwise
                   "rest K5 ewc 3": "rest_decouple_off_lambda_k_3_over_tcr",
-                  "rest K5 ewc 10": "rest_decouple_off_lambda_k_10_over_tcr",
+                  "rest K5 ewc 10": "rest_over_tcr",  # the default since round 3: timed as "rest"
                   "rest K5 global pull 3": "rest_decouple_global_lambda_k_3_over_tcr",
                   "rest K5 global keep 0.5": "rest_decouple_global_lambda_k_0_keep_0.5_over_tcr"}
 
