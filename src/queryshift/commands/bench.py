@@ -220,17 +220,18 @@ def _run_one(cfg: RunConfig, run_dir: str, threads: int | None) -> dict[str, Any
             raise ValueError(f"{result_path}: not a readable result ({type(err).__name__}: {err}); remove that "
                              f"run directory to recompute it") from None
         changed = settings_changed(result["config"], cfg)
-        if result.get("hparams") is not None and not _hparams_changed(result["hparams"], cfg):
+        hparams_changed = _hparams_changed(result.get("hparams"), cfg)
+        if result.get("hparams") is not None and not hparams_changed:
             # the method's hyper-parameters resolve to the ones the run used: a suite that now spells out a
             # value the run took as a default (because the default changed since) asks for the same run
             changed = [c for c in changed if not c.startswith("hparams ")]
         if changed:  # a suite edited since: never report a stale run under the new settings
             raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(changed)}); "
                              f"remove it or choose another --out")
-        changed = _hparams_changed(result.get("hparams"), cfg)
-        if changed:
+        if hparams_changed:
             raise ValueError(f"{run_dir} holds a finished run made with other {cfg.method} hyper-parameters (its "
-                             f"defaults changed since: {', '.join(changed)}); remove it or choose another --out")
+                             f"defaults changed since: {', '.join(hparams_changed)}); remove it or choose another "
+                             f"--out")
         if "model_weights" in result and result["model_weights"] != _source_weights(cfg.model, cfg.seed, cfg.device):
             raise ValueError(f"{run_dir} holds a finished run of other {cfg.model} weights (retrained or replaced "
                              f"since); remove it or choose another --out")
