@@ -30,7 +30,7 @@ system-deps:
 setup: system-deps $(VENV)/.installed
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks lab
 
 test: setup lint
 	$(BIN)/python -m pytest

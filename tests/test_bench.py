@@ -7,12 +7,12 @@ from queryshift.cli import main as cli_main
 from queryshift.commands import bench
 from tests.helpers import make_karpathy
 
-SUITES = os.path.join(os.path.dirname(__file__), "..", "configs", "suites")
+SUITES = os.path.join(os.path.dirname(__file__), "..", "src", "queryshift", "suites")
 
 
 @pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(SUITES) if f.endswith(".yaml")))
-def test_every_suite_plans(name, monkeypatch):
-    monkeypatch.chdir(os.path.join(SUITES, "..", ".."))
+def test_every_suite_plans(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # found by name from the package, not from a checkout's folder
     parser = __import__("queryshift.cli", fromlist=["build_parser"]).build_parser()
     args = parser.parse_args(["bench", "--suite", name, "--out", "unused"])
     tables = bench.plan(args)

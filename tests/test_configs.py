@@ -1,4 +1,4 @@
-"""Every YAML under configs/ loads and validates; suites expand; absent paths are reported, not raised."""
+"""Every YAML under configs/ loads and validates; the shipped suites (queryshift/suites) expand; absent paths are reported, not raised."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from queryshift.configs import ConfigError, check_paths, load_run_config, load_s
 from queryshift.engine import RunConfig
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-RUNS = sorted(p for p in glob.glob(os.path.join(ROOT, "**", "*.yaml"), recursive=True) if "suites" not in p)
-SUITES = sorted(glob.glob(os.path.join(ROOT, "suites", "*.yaml")))
+SUITE_DIR = os.path.join(os.path.dirname(ROOT), "src", "queryshift", "suites")
+RUNS = sorted(glob.glob(os.path.join(ROOT, "**", "*.yaml"), recursive=True))
+SUITES = sorted(glob.glob(os.path.join(SUITE_DIR, "*.yaml")))
 IMAGE_CORRUPTIONS = 16
 TEXT_CORRUPTIONS = 15
 
@@ -63,10 +64,10 @@ def test_suite_expands(path):
 
 
 def test_published_numbers():
-    _, _, pub = load_suite(os.path.join(ROOT, "suites", "coco-c-i2t-blip-base.yaml"))
+    _, _, pub = load_suite(os.path.join(SUITE_DIR, "coco-c-i2t-blip-base.yaml"))
     assert pub == {"source": 45.0, "tent": 43.0, "eata": 49.3, "sar": 46.0, "read": 46.9, "deyo": 48.2,
                    "tcr": 59.1}
-    assert load_suite(os.path.join(ROOT, "suites", "qgs-blip-base.yaml"))[2] == {"source": 62.1, "tcr": 67.0}
+    assert load_suite(os.path.join(SUITE_DIR, "qgs-blip-base.yaml"))[2] == {"source": 62.1, "tcr": 67.0}
 
 
 def test_check_paths_names_absent_paths(tmp_path, monkeypatch):

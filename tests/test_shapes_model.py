@@ -9,7 +9,7 @@ from queryshift.data import load_dataset
 from queryshift.data.shapes_regime import CAPTION_STYLES, IMAGE_STYLES, SourceRecall, check
 from queryshift.models import load_model
 
-REGIME = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "shapes-regime.json")
+REGIME = os.path.join(os.path.dirname(__file__), os.pardir, "lab", "experiments", "shapes-regime.json")
 NAMES = ("shapes-clip", "shapes-clip-general")
 
 
@@ -35,7 +35,7 @@ def test_missing_checkpoint_says_how_to_rebuild(name, monkeypatch, tmp_path):
 
 
 def test_committed_regime_verdicts_follow_from_its_numbers():
-    """docs/shapes-regime.json (written by docs/shapes_regime.py) states each condition as check() reads it."""
+    """lab/experiments/shapes-regime.json (written by lab/experiments/shapes_regime.py) states each condition as check() reads it."""
     with open(REGIME, encoding="utf-8") as f:
         measured = json.load(f)
     assert measured["models"] == {"custom": "shapes-clip", "general": "shapes-clip-general"}
@@ -87,5 +87,5 @@ def test_styles_keep_some_recall_and_the_general_model_knows_the_image_styles(sa
         mine = [custom.r1(direction, s) for s in styles]
         assert all(r >= 0.05 * clean for r in mine), (styles, mine)  # regime: 10 %; 5 % on the sample
     # Image styles: customization forgets part of what the general stage learnt. (Caption styles: it does not;
-    # the regime's "general > customized" is not met there, see docs/shapes-regime.json and the model card.)
+    # the regime's "general > customized" is not met there, see lab/experiments/shapes-regime.json and the model card.)
     assert sum(general.r1("i2t", s) for s in IMAGE_STYLES) > sum(custom.r1("i2t", s) for s in IMAGE_STYLES)

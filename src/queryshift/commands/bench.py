@@ -22,8 +22,9 @@ from ..locks import ExclusiveLock
 from ..runinfo import git_commit, versions
 from .run import add_run_options, config_from_args
 
-# the shipped suites live in the checkout's configs/suites; a configs/suites under the current directory wins
-PACKAGE_SUITES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "suites"))
+# the shipped suites are package data (queryshift/suites); a configs/suites under the current directory wins,
+# and QUERYSHIFT_SUITES (folders joined by os.pathsep, e.g. the lab's lab/suites) is searched before the package
+PACKAGE_SUITES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "suites")
 QUERY_MODALITY = {"i2t": "image", "t2i": "text"}
 _SLIM = ("r1", "r5", "r10", "r_mean", "map", "r50", "rsubset1", "rsubset2", "rsubset3", "n_queries",
          "segments", "forgetting", "forgetting_general", "skipped_updates", "warnings", "seconds")
@@ -49,7 +50,8 @@ def add_parser(subparsers) -> None:
 
 
 def suite_dirs() -> list[str]:
-    dirs = [os.path.join(os.getcwd(), "configs", "suites"), PACKAGE_SUITES]
+    extra = [os.path.abspath(d) for d in os.environ.get("QUERYSHIFT_SUITES", "").split(os.pathsep) if d]
+    dirs = [os.path.join(os.getcwd(), "configs", "suites"), *extra, PACKAGE_SUITES]
     return [d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i]]
 
 

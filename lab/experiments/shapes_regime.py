@@ -1,11 +1,11 @@
-"""Measure the benchmark-v2 regime of the shipped shapes models and write docs/shapes-regime.json.
+"""Measure the benchmark-v2 regime of the shipped shapes models and write lab/experiments/shapes-regime.json.
 
 Source R@1 (no adaptation) of ``shapes-clip`` (customized) and ``shapes-clip-general`` on clean ``shapes-5k``,
 the 16 image corruptions at severity 5, the 11 char- and word-level text corruptions at level 7 and the
 domain styles (1k split), then every condition of ``queryshift.data.shapes_regime.check``, met or not.
 
-    python docs/shapes_regime.py [--custom shapes-clip] [--general shapes-clip-general]
-                                 [--max-queries N] [--no-5k] [--out docs/shapes-regime.json]
+    python lab/experiments/shapes_regime.py [--custom shapes-clip] [--general shapes-clip-general]
+                                 [--max-queries N] [--no-5k] [--out lab/experiments/shapes-regime.json]
 
 Takes about ten minutes on one core for the shipped models and every query.
 """

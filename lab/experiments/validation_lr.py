@@ -1,7 +1,7 @@
 """Choose the protocol learning rate of a backbone from a finished ``validation-lr`` bench run.
 
     queryshift bench --suite validation-lr --out runs/validation-lr --jobs 2
-    python docs/validation_lr.py runs/validation-lr [--out docs/validation-lr.json]
+    python lab/experiments/validation_lr.py runs/validation-lr [--out lab/experiments/validation-lr.json]
 
 Reads every run's ``result.json`` under the bench output, averages R@1 over the validation shifts for each
 method and learning rate, then over the adapting methods (every method but ``source``, which ignores the

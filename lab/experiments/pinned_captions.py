@@ -1,6 +1,6 @@
 """Experiment (not shipped, issue 10): the world's ceiling under caption generators that pin scenes down more.
 
-The oracle of ``docs/shapes_oracle.py`` (exact, no model) on shapes-5k with the templates of
+The oracle of ``lab/experiments/shapes_oracle.py`` (exact, no model) on shapes-5k with the templates of
 ``queryshift.data.shapes`` patched in three ways; the scenes do not change (objects are drawn before captions):
 
 * ``size_tails``: the tail names each further object's size too ("with a large blue square");
@@ -8,9 +8,9 @@ The oracle of ``docs/shapes_oracle.py`` (exact, no model) on shapes-5k with the 
   missing ones appended: "in the {pos}", "that is {z1}", "coloured {c1}");
 * ``both``.
 
-    python docs/experiments/pinned_captions.py     # about 3 minutes on one core
+    python lab/experiments/pinned_captions.py     # about 3 minutes on one core
 
-Results: docs/experiments/pinned_captions.json; reading: docs/model-card-shapes-clip.md (the world's ceiling).
+Results: lab/experiments/pinned_captions.json; reading: docs/model-card-shapes-clip.md (the world's ceiling).
 """
 import json
 import os
@@ -19,8 +19,8 @@ import sys
 from queryshift.data import shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-import shapes_oracle  # noqa: E402  (docs/shapes_oracle.py)
+sys.path.insert(0, HERE)
+import shapes_oracle  # noqa: E402  (lab/experiments/shapes_oracle.py)
 
 
 def patch_templates(size_tails: bool, full_single: bool) -> None:

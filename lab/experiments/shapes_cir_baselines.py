@@ -1,6 +1,6 @@
 """Clean composed-retrieval baselines on shapes-cir for the model card (docs/model-card-shapes-cir.md).
 
-    PYTHONPATH=src python docs/shapes_cir_baselines.py [--split test] [--cache-dir DIR]
+    PYTHONPATH=src python lab/experiments/shapes_cir_baselines.py [--split test] [--cache-dir DIR]
 
 Prints R@1/5/10/50 (the reference excluded from its ranking, as in every c2i run) of: the reference image
 alone, the modification text alone, the sum composer, the shipped combiner, and an oracle that queries with a

@@ -1,4 +1,4 @@
-"""The truth of a shapes caption (``caption_fits``) and the oracle ceiling computed from it (docs/shapes_oracle.py)."""
+"""The truth of a shapes caption (``caption_fits``) and the oracle ceiling computed from it (lab/experiments/shapes_oracle.py)."""
 
 import importlib.util
 import itertools
@@ -9,11 +9,11 @@ import pytest
 
 from queryshift.data.shapes import Scene, Shape, caption_fits, sample_scene
 
-DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments")
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("shapes_oracle", os.path.join(DOCS, "shapes_oracle.py"))
+    spec = importlib.util.spec_from_file_location("shapes_oracle", os.path.join(EXPERIMENTS, "shapes_oracle.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -110,9 +110,9 @@ def test_t2i_tie_recall_matches_enumeration(n_true, k):
 
 
 def test_committed_oracle_numbers_follow_from_the_world():
-    """docs/shapes-oracle.json is what the script computes (the 1k split recomputed; the 5k split is the
+    """lab/experiments/shapes-oracle.json is what the script computes (the 1k split recomputed; the 5k split is the
     same code on 5,000 scenes)."""
-    with open(os.path.join(DOCS, "shapes-oracle.json"), encoding="utf-8") as f:
+    with open(os.path.join(EXPERIMENTS, "shapes-oracle.json"), encoding="utf-8") as f:
         committed = json.load(f)["splits"]
     assert oracle_script.oracle("test") == committed["test"]
     five_k = committed["test5k"]

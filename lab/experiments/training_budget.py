@@ -1,9 +1,9 @@
 """Experiment (not shipped, issue 10): what the 45-minute training budget buys, and what more training costs.
 
 Two variants of the shipped two-stage recipe (model cards), each measured with the regime of
-``docs/shapes_regime.py`` (1k split, first 1,000 queries; clean shapes-5k with every query) and with clean R@1
+``lab/experiments/shapes_regime.py`` (1k split, first 1,000 queries; clean shapes-5k with every query) and with clean R@1
 by the number of objects in the scene (the world pins three-object scenes down: the oracle's 5k R@1 on them
-is 95.6 i2t / 97.1 t2i, docs/shapes-oracle.json):
+is 95.6 i2t / 97.1 t2i, lab/experiments/shapes-oracle.json):
 
 * ``long_custom``: the shipped ``shapes-clip`` customized further on the clean domain, 3,000 steps on all
   20,000 training scenes at lr 5e-4 (about the 24 minutes the budget has left after the shipped stages);
@@ -12,9 +12,9 @@ is 95.6 i2t / 97.1 t2i, docs/shapes-oracle.json):
   whole recipe within 45 minutes on 2 cores without v1?
 
 Every step is skipped when its output exists in WORK, so an interrupted run resumes. Results:
-docs/experiments/training_budget.json; reading: docs/model-card-shapes-clip.md.
+lab/experiments/training_budget.json; reading: docs/model-card-shapes-clip.md.
 
-    python docs/experiments/training_budget.py WORK     # ~70 minutes on 2 idle cores
+    python lab/experiments/training_budget.py WORK     # ~70 minutes on 2 idle cores
 """
 import json
 import os
@@ -79,7 +79,7 @@ def by_object_count(spec: str) -> dict:
 def regime(work: str, name: str, custom: str, general: str) -> dict:
     path = os.path.join(work, f"regime-{name}.json")
     if not os.path.exists(path):
-        subprocess.run([sys.executable, os.path.join(HERE, "..", "shapes_regime.py"), "--custom", custom,
+        subprocess.run([sys.executable, os.path.join(HERE, "shapes_regime.py"), "--custom", custom,
                         "--general", general, "--threads", "2", "--max-queries", "1000", "--out", path], check=True)
     with open(path) as f:
         return json.load(f)
@@ -97,7 +97,7 @@ if __name__ == "__main__":
     result = {"trained_minutes_this_run": minutes} if minutes else {}
     for name, (custom, general) in variants.items():
         if name == "shipped":  # the committed regime of the shipped models, measured the same way
-            with open(os.path.join(HERE, "..", "shapes-regime.json")) as f:
+            with open(os.path.join(HERE, "shapes-regime.json")) as f:
                 m = json.load(f)
         else:
             m = regime(work, name, custom, general)

@@ -10,7 +10,7 @@ the query first and breaks ties at random, so its expected recall is a property 
   (a verbatim copy in another image's captions is a gallery item of its own); one of the own 5 is first
   with probability 5 / (true captions), among the first k with probability 1 - C(t - 5, k) / C(t, k).
 
-    python docs/shapes_oracle.py [--out docs/shapes-oracle.json]
+    python lab/experiments/shapes_oracle.py [--out lab/experiments/shapes-oracle.json]
 
 No model is involved and nothing is random; about a minute on one core for both splits.
 """

@@ -4,10 +4,10 @@ The veil is the fog corruption's own operation at strengths below its severity 1
 strength a ~ U(0.1, 0.6), decay ~ U(1.4, 2.0), with the range compressed by peak / (peak + a), on 30 % of the
 general views that get photo variation. Everything else is the shipped two-stage recipe (model cards), with
 2 torch threads and 2 render workers. Then the source model's R@1 (1k split, first 1,000 queries) under the
-regime's shifts. Results: docs/experiments/general_veil.json; reading: docs/model-card-shapes-clip.md.
+regime's shifts. Results: lab/experiments/general_veil.json; reading: docs/model-card-shapes-clip.md.
 
     git show c035f82:src/queryshift/assets/shapes-clip.pt > WORK/shapes-clip-v1.pt
-    python docs/experiments/general_veil.py WORK        # ~25 minutes on 2 idle cores
+    python lab/experiments/general_veil.py WORK        # ~25 minutes on 2 idle cores
 """
 import json
 import os

@@ -1,6 +1,6 @@
 """Print the model card's shift tables from the runs of ``queryshift bench --suite synthetic-source``.
 
-    python docs/model_card_tables.py runs/synthetic/runs/synthetic-source
+    python lab/experiments/model_card_tables.py runs/synthetic/runs/synthetic-source
 
 The card's numbers are copied from this output, so they are exactly what the suite measured.
 """
