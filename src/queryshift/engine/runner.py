@@ -110,13 +110,17 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     gallery_modality = "text" if modality == "image" else "image"
     if not main_rank:
         distributed.barrier()  # rank 0 encodes (and caches) the gallery first; the others then read the cache
-    gallery = encode_gallery(model, dataset, gallery_modality, cfg, weights).to(cfg.device)
+    gallery = encode_gallery(model, dataset, gallery_modality, cache_dir=cfg.cache_dir,
+                             batch_size=cfg.gallery_batch_size, max_words=cfg.max_words,
+                             num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress,
+                             weights=weights).to(cfg.device)
     if main_rank:
         distributed.barrier()
 
     index = build_index(cfg.gallery_index, gallery) if cfg.gallery_index != "exact" else None
     retriever = Retriever(model, gallery, modality, cfg.method, cfg.adapt_config(), cfg.device, index)
-    order = query_order(n_queries, cfg.seed, cfg.shuffle, cfg.max_queries)
+    # a continual stream streams the (shuffled, capped) query set once per shift
+    order = query_order(n_queries, cfg.seed, cfg.shuffle, cfg.max_queries) * getattr(shift, "passes", 1)
     batches = stream_batches(len(order), cfg.batch_size)
     check_distributed(cfg, len(order))
 

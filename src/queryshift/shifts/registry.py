@@ -8,6 +8,11 @@ Spec grammar::
     stream:temporal | stream:diverse               default streams for the query modality
     stream:KIND[@BLOCK]=SPEC,SPEC,...              stream:temporal=clean,gaussian_noise:5,fog:5
                                                    stream:diverse@1=gaussian_noise:5,style:outline
+    stream:continual[=SPEC,...]                    each shift streams the whole query set once, in order,
+                                                   no reset (default: the 16 image corruptions at 5 in the
+                                                   continual-TTA order; text: char/word corruptions at 7)
+    stream:continual-s3                            the same at image severity 3
+    stream:continual-diverse[@BLOCK][=SPEC,...]    the continual stream's length, shifts interleaved in blocks
     a name from shifts.domain.DOMAIN_SHIFTS        e.g. style:outline (when that module is installed)
 
 Severities: image corruptions 1-5; character- and word-level text corruptions 1-7; sentence-level 1.
@@ -22,14 +27,33 @@ from __future__ import annotations
 
 from . import QueryShift
 from .image import IMAGE_CORRUPTIONS, VALIDATION_CORRUPTIONS, ImageCorruption
-from .streams import DEFAULT_BLOCK, DEFAULT_DIVERSE, DEFAULT_TEMPORAL, DiverseStream, TemporalStream
+from .streams import (
+    DEFAULT_BLOCK,
+    DEFAULT_CONTINUAL,
+    DEFAULT_CONTINUAL_S3,
+    DEFAULT_DIVERSE,
+    DEFAULT_TEMPORAL,
+    ContinualDiverseStream,
+    ContinualStream,
+    DiverseStream,
+    TemporalStream,
+)
 from .text import SENTENCE_CORRUPTIONS, TEXT_CORRUPTIONS, TextCorruption
 
 __all__ = ["IMAGE_CORRUPTIONS", "TEXT_CORRUPTIONS", "VALIDATION_SHIFTS", "ALIASES", "build_shift", "list_shifts",
            "is_validation"]
 
 MODALITIES = ("image", "text")
-STREAMS = ("stream:temporal", "stream:diverse")
+STREAMS = ("stream:temporal", "stream:diverse", "stream:continual", "stream:continual-s3",
+           "stream:continual-diverse")
+# stream kind -> (default member shifts per modality, class, whether @BLOCK applies)
+STREAM_KINDS = {
+    "temporal": (DEFAULT_TEMPORAL, TemporalStream, False),
+    "diverse": (DEFAULT_DIVERSE, DiverseStream, True),
+    "continual": (DEFAULT_CONTINUAL, ContinualStream, False),
+    "continual-s3": (DEFAULT_CONTINUAL_S3, ContinualStream, False),
+    "continual-diverse": (DEFAULT_CONTINUAL, ContinualDiverseStream, True),
+}
 ALIASES = {
     "keyboard": "KeyboardAug", "ocr": "OcrAug",
     "char_insert": "RandomCharAug_insert", "char_substitute": "RandomCharAug_substitute",
@@ -138,22 +162,23 @@ def build_shift(spec: str, modality: str, seed: int = 0, semantic_filter: bool =
 def _build_stream(spec: str, modality: str, seed: int, semantic_filter: bool) -> QueryShift:
     head, has_list, members = spec.partition("=")
     kind, _, block_text = head.removeprefix("stream:").partition("@")
-    if kind not in ("temporal", "diverse"):
-        raise ValueError(f"unknown stream {head!r}; use stream:temporal or stream:diverse "
-                         "(optionally =SHIFT,SHIFT,... and, for diverse, @BLOCK)")
+    if kind not in STREAM_KINDS:
+        raise ValueError(f"unknown stream {head!r}; use " + ", ".join(STREAMS)
+                         + " (optionally =SHIFT,SHIFT,... and, for the diverse kinds, @BLOCK)")
+    defaults, stream_class, takes_block = STREAM_KINDS[kind]
     if has_list:
         specs = [m.strip() for m in members.split(",") if m.strip()]
     else:
-        specs = list((DEFAULT_TEMPORAL if kind == "temporal" else DEFAULT_DIVERSE)[modality])
+        specs = list(defaults[modality])
     if any(s.startswith("stream:") for s in specs):
         raise ValueError(f"{spec!r}: streams cannot be nested")
     shifts = [build_shift(s, modality, seed, semantic_filter) for s in specs]
-    if kind == "temporal":
+    if not takes_block:
         if block_text:
             raise ValueError(f"{spec!r}: @BLOCK applies to diverse streams only")
-        return TemporalStream(spec, shifts)
+        return stream_class(spec, shifts)
     try:
         block = int(block_text) if block_text else DEFAULT_BLOCK
     except ValueError:
         raise ValueError(f"{spec!r}: block size must be an integer, got {block_text!r}") from None
-    return DiverseStream(spec, shifts, block=block, seed=seed)
+    return stream_class(spec, shifts, block=block, seed=seed)

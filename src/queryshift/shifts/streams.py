@@ -3,6 +3,10 @@
 A stream is itself a :class:`QueryShift`: it hands each query to the shift in force at that position, and
 ``segment()`` names that shift so the engine can report R@1 per segment. Which shift is in force depends only
 on (position, total, seed), never on the query, so a resumed run sees the same stream.
+
+Temporal and diverse streams split one pass over the queries between their shifts. A *continual* stream
+(``passes`` > 1) is what a deployed service meets: every listed shift streams the whole query set once, in
+order, with no reset in between, so the engine repeats the query order ``passes`` times.
 """
 
 from __future__ import annotations
@@ -21,9 +25,24 @@ DEFAULT_DIVERSE = {
     "text": ("KeyboardAug:5", "OcrAug:5", "RandomCharAug_insert:5", "sr:7", "ri:7", "rs:7"),
 }
 DEFAULT_BLOCK = 64  # one global query batch
+# the usual continual-TTA order of the 16 image corruptions (CoTTA and its successors)
+CONTINUAL_IMAGE_ORDER = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+                         "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+                         "elastic_transform", "pixelate", "jpeg_compression", "speckle_noise")
+# character- and word-level text corruptions at their strongest level (sentence-level ones need hub models)
+CONTINUAL_TEXT = ("KeyboardAug:7", "OcrAug:7", "RandomCharAug_insert:7", "RandomCharAug_substitute:7",
+                  "RandomCharAug_swap:7", "RandomCharAug_delete:7", "sr:7", "ri:7", "rs:7", "rd:7", "ip:7")
+DEFAULT_CONTINUAL = {  # stream:continual (severity 5), stream:continual-s3 (severity 3)
+    "image": tuple(f"{c}:5" for c in CONTINUAL_IMAGE_ORDER),
+    "text": CONTINUAL_TEXT,
+}
+DEFAULT_CONTINUAL_S3 = {"image": tuple(f"{c}:3" for c in CONTINUAL_IMAGE_ORDER), "text": CONTINUAL_TEXT}
 
 
 class _Stream(QueryShift):
+    #: how many times the engine streams the query order (1: the shifts share one pass)
+    passes = 1
+
     def __init__(self, name: str, shifts: list[QueryShift]):
         if not shifts:
             raise ValueError(f"{name}: a stream needs at least one shift")
@@ -67,3 +86,32 @@ class DiverseStream(_Stream):
         cycle, slot = divmod(max(0, position) // self.block, len(self.shifts))
         order = np.random.default_rng([self.seed, cycle, 0x5EED]).permutation(len(self.shifts))
         return int(order[slot])
+
+
+class ContinualStream(TemporalStream):
+    """Every shift streams the whole query set once, in the listed order, with no reset: ``passes`` is the
+    number of shifts. A shift listed twice is two segments (its second one named ``NAME#2``), so R@1 after a
+    return to an earlier condition is reported apart from the first visit."""
+
+    def __init__(self, name: str, shifts: list[QueryShift]):
+        super().__init__(name, shifts)
+        self.passes = len(self.shifts)
+        seen: dict[str, int] = {}
+        self.segment_names = []
+        for s in self.shifts:
+            seen[s.name] = seen.get(s.name, 0) + 1
+            self.segment_names.append(s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}")
+
+    def segment(self, position: int, total: int) -> str:
+        return self.segment_names[self.active(position, total)]
+
+
+class ContinualDiverseStream(DiverseStream):
+    """The continual stream's length (``passes`` = number of shifts: the query set streamed that many times)
+    with the shifts taking turns in blocks of ``block`` positions, in a seeded order per cycle, as in
+    :class:`DiverseStream`: each shift holds about one pass's worth of queries, and a condition returns
+    many times instead of once."""
+
+    def __init__(self, name: str, shifts: list[QueryShift], block: int = DEFAULT_BLOCK, seed: int = 0):
+        super().__init__(name, shifts, block=block, seed=seed)
+        self.passes = len(self.shifts)
