@@ -69,7 +69,7 @@ def naive_full_matrix(cfg: engine.RunConfig, dataset: data.RetrievalDataset) -> 
 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model)
-    gallery = engine.encode_gallery(model, dataset, "image", cfg)
+    gallery = engine.encode_gallery(model, dataset, "image", cache_dir=cfg.cache_dir, max_words=cfg.max_words)
     queries = engine.encode_all(model, dataset, "text", batch_size=512)
     scores = queries @ gallery.T
     ranks, aps = batch_ranks(scores, dataset.txt2img)

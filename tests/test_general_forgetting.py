@@ -22,7 +22,7 @@ _cfg = tiny_run_config
 
 
 def test_general_styles_are_the_test_styles_of_the_query_modality():
-    from queryshift.data import shapes_general
+    from queryshift.shifts import shapes_general
 
     assert report_module.general_domain_styles("image") == STYLES["i2t"]
     assert report_module.general_domain_styles("text") == STYLES["t2i"]  # never style:sketch / style:chatty

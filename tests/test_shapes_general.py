@@ -1,10 +1,11 @@
-"""The general corpus of the shapes world (``queryshift.data.shapes_general``)."""
+"""The general corpus of the shapes world (``queryshift.shifts.shapes_general``)."""
 
 import numpy as np
 import torch
 
 from queryshift.data.shapes import render, sample_scene
-from queryshift.data.shapes_general import (
+from queryshift.models.base import square_transform
+from queryshift.shifts.shapes_general import (
     MODEL_INPUT,
     PHOTO_VARIATION,
     caption_variant,
@@ -14,7 +15,6 @@ from queryshift.data.shapes_general import (
     render_views,
     typos,
 )
-from queryshift.models.base import square_transform
 
 
 def test_views_are_deterministic_and_independent_of_chunking():

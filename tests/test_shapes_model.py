@@ -6,8 +6,8 @@ import os
 import pytest
 
 from queryshift.data import load_dataset
-from queryshift.data.shapes_regime import CAPTION_STYLES, IMAGE_STYLES, SourceRecall, check
 from queryshift.models import load_model
+from queryshift.shifts.shapes_regime import CAPTION_STYLES, IMAGE_STYLES, SourceRecall, check
 
 REGIME = os.path.join(os.path.dirname(__file__), os.pardir, "lab", "experiments", "shapes-regime.json")
 NAMES = ("shapes-clip", "shapes-clip-general")
@@ -35,7 +35,8 @@ def test_missing_checkpoint_says_how_to_rebuild(name, monkeypatch, tmp_path):
 
 
 def test_committed_regime_verdicts_follow_from_its_numbers():
-    """lab/experiments/shapes-regime.json (written by lab/experiments/shapes_regime.py) states each condition as check() reads it."""
+    """lab/experiments/shapes-regime.json (written by lab/experiments/shapes_regime.py) states each condition as
+    check() reads it."""
     with open(REGIME, encoding="utf-8") as f:
         measured = json.load(f)
     assert measured["models"] == {"custom": "shapes-clip", "general": "shapes-clip-general"}
@@ -60,7 +61,7 @@ def _retained(recall, direction, shifts):
 def test_image_corruptions_leave_a_recoverable_share_on_a_sample(sample):
     """Severity-5 corruptions hurt without erasing everything: the mean share of clean R@1 kept sits inside
     the regime's 30-75 % band, widened by 10 points for the 150-image sample."""
-    from queryshift.data.shapes_regime import IMAGE_TEST_SHIFTS
+    from queryshift.shifts.shapes_regime import IMAGE_TEST_SHIFTS
 
     custom, _ = sample
     clean, kept = _retained(custom, "i2t", IMAGE_TEST_SHIFTS)
@@ -72,7 +73,7 @@ def test_image_corruptions_leave_a_recoverable_share_on_a_sample(sample):
 
 @pytest.mark.slow
 def test_text_corruptions_leave_a_recoverable_share_on_a_sample(sample):
-    from queryshift.data.shapes_regime import TEXT_TEST_SHIFTS
+    from queryshift.shifts.shapes_regime import TEXT_TEST_SHIFTS
 
     custom, _ = sample
     clean, kept = _retained(custom, "t2i", TEXT_TEST_SHIFTS)

@@ -1,6 +1,6 @@
-"""The regime conditions of benchmark v2 (``queryshift.data.shapes_regime.check``) on hand-made numbers."""
+"""The regime conditions of benchmark v2 (``queryshift.shifts.shapes_regime.check``) on hand-made numbers."""
 
-from queryshift.data.shapes_regime import (
+from queryshift.shifts.shapes_regime import (
     CAPTION_STYLES,
     IMAGE_STYLES,
     IMAGE_TEST_SHIFTS,

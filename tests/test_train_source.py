@@ -98,7 +98,7 @@ def test_init_must_exist(tmp_path, capsys):
 def test_view_cache_is_not_shared_with_a_patched_rendering(tmp_path, monkeypatch):
     """An experiment that swaps the general corpus's photo variation must not read (or leave) the shipped views."""
     from queryshift.commands.train_source import render_cached
-    from queryshift.data import shapes_general
+    from queryshift.shifts import shapes_general
 
     args = ("train", 3, 1, True, 0, str(tmp_path))
     shipped, _, _ = render_cached(*args, workers=1)

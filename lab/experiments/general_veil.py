@@ -19,10 +19,10 @@ from PIL import Image
 
 from queryshift.cli import main
 from queryshift.data import load_dataset
-from queryshift.data import shapes_general as sg
-from queryshift.data.shapes_regime import CAPTION_STYLES, IMAGE_STYLES, IMAGE_TEST_SHIFTS, SourceRecall
 from queryshift.models import openclip
+from queryshift.shifts import shapes_general as sg
 from queryshift.shifts.image import plasma_fractal
+from queryshift.shifts.shapes_regime import CAPTION_STYLES, IMAGE_STYLES, IMAGE_TEST_SHIFTS, SourceRecall
 
 _shipped_variation = sg.photo_variation
 

@@ -18,7 +18,7 @@ import torch
 from queryshift.data import load_dataset
 from queryshift.data.shapes import render
 from queryshift.data.shapes_cir import build_world, parse_arg, realise
-from queryshift.engine import RunConfig, encode_gallery
+from queryshift.engine import encode_gallery
 from queryshift.engine.composed import rank_queries
 from queryshift.metrics import recall_at_k
 from queryshift.models import load_model
@@ -41,9 +41,8 @@ def main() -> None:
     data = load_dataset(f"shapes-cir:{split}:{n}")
     world = build_world(split, n)
     model = load_model("shapes-cir")
-    cfg = RunConfig(cache_dir=args.cache_dir, progress=False)
-    gallery = encode_gallery(model.base, data, "image", cfg)
-    texts = encode_gallery(model.base, data, "text", cfg)
+    gallery = encode_gallery(model.base, data, "image", cache_dir=args.cache_dir)
+    texts = encode_gallery(model.base, data, "text", cache_dir=args.cache_dir)
     refs = gallery[data.references]
     rng = np.random.default_rng(0)
     fresh = [model.preprocess(render(realise(world.states[t[0]], rng))) for t in world.targets]

@@ -2,7 +2,7 @@
 
 Source R@1 (no adaptation) of ``shapes-clip`` (customized) and ``shapes-clip-general`` on clean ``shapes-5k``,
 the 16 image corruptions at severity 5, the 11 char- and word-level text corruptions at level 7 and the
-domain styles (1k split), then every condition of ``queryshift.data.shapes_regime.check``, met or not.
+domain styles (1k split), then every condition of ``queryshift.shifts.shapes_regime.check``, met or not.
 
     python lab/experiments/shapes_regime.py [--custom shapes-clip] [--general shapes-clip-general]
                                  [--max-queries N] [--no-5k] [--out lab/experiments/shapes-regime.json]
@@ -20,8 +20,8 @@ import time
 import torch
 
 from queryshift.data import load_dataset
-from queryshift.data.shapes_regime import check, measure
 from queryshift.models import load_model
+from queryshift.shifts.shapes_regime import check, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

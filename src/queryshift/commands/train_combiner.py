@@ -72,10 +72,10 @@ def add_parser(subparsers) -> None:
 
 def frozen_embeddings(model, dataset, cache_dir: str | None, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(gallery image embeddings, modification text embeddings) of the frozen backbone, cached on disk."""
-    from ..engine import RunConfig, encode_gallery
+    from ..engine import encode_gallery
 
-    cfg = RunConfig(cache_dir=cache_dir, progress=progress)
-    return encode_gallery(model, dataset, "image", cfg), encode_gallery(model, dataset, "text", cfg)
+    return (encode_gallery(model, dataset, "image", cache_dir=cache_dir, progress=progress),
+            encode_gallery(model, dataset, "text", cache_dir=cache_dir, progress=progress))
 
 
 def multi_positive_loss(q: torch.Tensor, gallery: torch.Tensor, positives: torch.Tensor, excluded: torch.Tensor,

@@ -4,7 +4,7 @@ The shipped models come from two stages, the general-to-customized paradigm REST
 (docs/model-card-shapes-clip.md has the exact commands):
 
 * ``--stage general`` (``shapes-clip-general``): from scratch on the general corpus of
-  :mod:`queryshift.data.shapes_general`: every domain style, caption paraphrases, synonyms and typos, and
+  :mod:`queryshift.shifts.shapes_general`: every domain style, caption paraphrases, synonyms and typos, and
   mild photo-like variation, never a test corruption at its test strength nor a validation shift;
 * ``--stage custom --init GENERAL.pt`` (``shapes-clip``): fine-tuning on the target domain, the clean
   rendering with the base caption templates. Without ``--init`` it trains from scratch on clean data only.
@@ -96,7 +96,7 @@ def render_split(split: str, n: int):
 
 
 def _render_chunk(job):
-    from ..data.shapes_general import render_views
+    from ..shifts.shapes_general import render_views
 
     return render_views(*job)
 
@@ -132,9 +132,9 @@ def render_cached(split: str, n: int, views: int, general: bool, seed: int, cach
     """
     import hashlib
 
-    from ..data import shapes, shapes_general
+    from ..data import shapes
     from ..data.shapes import sample_scene
-    from ..shifts import domain
+    from ..shifts import domain, shapes_general
 
     path = None
     if cache_dir:

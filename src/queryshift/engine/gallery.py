@@ -13,17 +13,9 @@ from tqdm.auto import tqdm
 from .. import shifts
 from ..data import RetrievalDataset
 from ..models import DualEncoder, load_model
-from .config import RunConfig
+from ..models.digest import weights_digest
 from .store import EmbeddingStore
 from .stream import QueryItems, loader, stream_batches, to_model_input
-
-
-def weights_digest(model: DualEncoder) -> str:
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def load_source(spec: str, seed: int, device: str = "cpu") -> DualEncoder:
@@ -57,27 +49,29 @@ def default_cache_dir() -> str:
 
 
 @torch.no_grad()
-def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str, cfg: RunConfig,
-                   weights: str | None = None) -> torch.Tensor:
+def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str, *, cache_dir: str | None = None,
+                   batch_size: int = 256, max_words: int = 30, num_workers: int | None = 0, device: str = "cpu",
+                   progress: bool = False, weights: str | None = None) -> torch.Tensor:
     """The whole gallery encoded once by the source model, from the embedding store (float32 on the CPU).
 
-    The store is keyed by model + weights + preprocessing + data + modality; ``weights`` is the model's weight
-    digest when the caller has already computed it.
+    The store (under ``cache_dir``, default :func:`default_cache_dir`) is keyed by model + weights +
+    preprocessing + data + modality; ``weights`` is the model's weight digest when the caller has already
+    computed it. ``batch_size``, ``num_workers``, ``device`` and ``progress`` only say how to encode.
     """
     manifest = {
         "model": model.name, "model_digest": weights or weights_digest(model), "preprocess": model.preprocess_id,
         "dataset": dataset.name, "dataset_digest": dataset.fingerprint(), "modality": modality,
-        "max_words": cfg.max_words,
+        "max_words": max_words,
     }
     key = hashlib.sha256(json.dumps([manifest[k] for k in (
         "model", "model_digest", "preprocess", "dataset_digest", "modality", "max_words")]).encode()).hexdigest()[:24]
-    store = EmbeddingStore(os.path.join(cfg.cache_dir or default_cache_dir(), "gallery", key))
+    store = EmbeddingStore(os.path.join(cache_dir or default_cache_dir(), "gallery", key))
     n = len(dataset.images) if modality == "image" else len(dataset.texts)
     with store.locked():
         if not store.complete(manifest):
             store.fill(manifest, n, lambda rows: encode_all(
-                model, dataset, modality, cfg.gallery_batch_size, cfg.max_words, cfg.num_workers, cfg.device,
-                indices=rows), chunk=cfg.gallery_batch_size * 16, progress=cfg.progress)
+                model, dataset, modality, batch_size, max_words, num_workers, device,
+                indices=rows), chunk=batch_size * 16, progress=progress)
         gallery = torch.from_numpy(np.asarray(store.open(), dtype=np.float32))
     if not torch.isfinite(gallery).all() or (gallery.norm(dim=1) == 0).any():
         raise FloatingPointError(f"gallery embeddings in {store.path} contain "

@@ -28,9 +28,6 @@ from .retriever import Retriever
 from .rundir import RunDir
 from .stream import QueryItems, loader, query_order, skip_bad_images, stream_batches
 
-# methods that re-encode a subset of the local batch chosen by a mask over the global batch
-SHARD_UNSAFE = frozenset({"sar", "deyo"})
-
 
 @torch.no_grad()
 def index_recall(retriever: Retriever, batch) -> dict[str, float]:
@@ -49,7 +46,7 @@ def check_distributed(cfg: RunConfig, n_stream: int) -> None:
     world = distributed.world_size()
     if world == 1:
         return
-    if cfg.method in SHARD_UNSAFE:
+    if not methods.get(cfg.method).shardable:
         raise ValueError(f"method {cfg.method!r} re-encodes a selection of the batch and does not support "
                          f"data-parallel runs yet; run it in one process")
     if cfg.eval_clean_after:

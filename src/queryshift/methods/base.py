@@ -64,6 +64,9 @@ class Method:
     hparam_spec: ClassVar[dict[str, HP]] = {}
     #: False for methods that never update parameters (source, training-free variants)
     adapts: ClassVar[bool] = True
+    #: False for methods whose update cannot be split over data-parallel processes (e.g. one that re-encodes a
+    #: selection of its local batch made by a mask over the global batch); the engine refuses to shard them
+    shardable: ClassVar[bool] = True
     #: attributes saved in checkpoints and restored by reset() (besides parameters and optimizer)
     state_attrs: ClassVar[tuple[str, ...]] = ()
 

@@ -60,6 +60,7 @@ def deyo_weight(ent: torch.Tensor, thr: float, plpd: torch.Tensor) -> torch.Tens
 
 class DeYO(Method):
     name = "deyo"
+    shardable = False  # re-encodes the local part of a selection made over the global batch
     defaults = {"tau": 0.01, "deyo_margin": 0.5, "margin_e0": 0.4, "patch_len": 4, "plpd_threshold": None}
     # deyo_margin: the strict filter keeps int(deyo_margin * B) - 1 queries, so 2 are needed for one
     hparam_spec = {"tau": HP(float, gt=0), "deyo_margin": HP(float, ge=0, le=1, min_selected=2),

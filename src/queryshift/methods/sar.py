@@ -43,6 +43,7 @@ class SAR(Method):
     hparam_spec = {"tau": HP(float, gt=0), "margin_e0": HP(float, ge=0, le=1, min_selected=1), "rho": HP(float, ge=0),
                    "reset_constant": HP(float), "ema_momentum": HP(float, ge=0, le=1)}
     state_attrs = ("ema",)
+    shardable = False  # re-encodes the local part of a selection made over the global batch
 
     def build_optimizer(self):
         c = self.config

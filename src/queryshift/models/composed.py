@@ -172,7 +172,7 @@ def build_composer(spec: str, base: DualEncoder) -> nn.Module:
     dim = _embed_dim(base)
     if dim is not None and combiner.dim != dim:
         raise ValueError(f"combiner {path} fuses {combiner.dim}-d embeddings but {base.name} has {dim}-d ones")
-    from ..engine.gallery import weights_digest
+    from .digest import weights_digest
 
     trained_on = meta.get("base_weights")
     if trained_on and trained_on != weights_digest(base):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..data import load_dataset
-from ..engine import Retriever, RunConfig, encode_gallery, load_source, weights_digest
+from ..engine import Retriever, encode_gallery, load_source, weights_digest
 from ..engine.stream import collate
 from . import snapshots
 from .answering import AnsweringModel
@@ -68,12 +68,12 @@ class OnlineService:
         model = load_source(cfg.model, cfg.seed, cfg.device)
         self.model = model
         self.weights = weights_digest(model)  # of the source parameters: snapshots must match it
-        cache_cfg = RunConfig(model=cfg.model, data=cfg.data, cache_dir=cfg.cache_dir, device=cfg.device,
-                              max_words=cfg.max_words, progress=cfg.progress)
         galleries = {}
         for m in cfg.modalities:
             gm = "text" if m == "image" else "image"
-            galleries[m] = encode_gallery(model, self.dataset, gm, cache_cfg, self.weights).to(cfg.device)
+            galleries[m] = encode_gallery(model, self.dataset, gm, cache_dir=cfg.cache_dir, device=cfg.device,
+                                          max_words=cfg.max_words, progress=cfg.progress,
+                                          weights=self.weights).to(cfg.device)
         adaptable = {m: [n for n, _ in model.adaptable_parameters(m)] for m in cfg.modalities}
         self.answering = AnsweringModel(model, adaptable)  # before any method touches requires_grad
         self.lanes: dict[str, Lane] = {}

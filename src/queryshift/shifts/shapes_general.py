@@ -23,7 +23,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .shapes import render, sample_scene
+from ..data.shapes import render, sample_scene
 
 # Photo variation, each applied with its probability, strengths drawn uniformly from the range.
 # Test severity 1 of the closest corruption, for comparison: gaussian_noise sigma .08, contrast factor .4,
@@ -85,7 +85,7 @@ def photo_variation(image: Image.Image, rng: np.random.Generator) -> Image.Image
 
 def general_image(scene, rng: np.random.Generator) -> Image.Image:
     """One view of a scene from the general corpus: maybe a style, then maybe photo variation."""
-    from ..shifts import domain
+    from . import domain
 
     image = render(scene)
     if rng.random() < STYLE_SHARE:
@@ -121,8 +121,8 @@ def typos(caption: str, rng: np.random.Generator, rate: float = TYPO_RATE) -> st
 
 def caption_variant(caption: str, rng: np.random.Generator) -> str:
     """A general-corpus rewording of a base caption: maybe paraphrased, maybe synonyms, maybe typos."""
-    from ..shifts import domain
-    from .retrieval import pre_caption
+    from ..data.retrieval import pre_caption
+    from . import domain
 
     text = pre_caption(caption)
     if rng.random() < CAPTION_VARIATION["templates"]:
@@ -141,7 +141,7 @@ def model_input(image: Image.Image, size: int = MODEL_INPUT) -> np.ndarray:
 
 
 def view_rng(split: str, index: int, view: int, seed: int) -> np.random.Generator:
-    from .shapes import SPLITS
+    from ..data.shapes import SPLITS
 
     return np.random.default_rng([SPLITS[split][0], index, view + 1, seed, 7])  # view -1: the captions
 
@@ -153,7 +153,7 @@ def render_views(split: str, start: int, stop: int, views: int, general: bool, s
     :func:`caption_variant` of them; otherwise the clean rendering and the 5 base captions. Depends only on
     (split, index, view, seed), so chunks rendered in parallel equal one serial pass.
     """
-    from .retrieval import pre_caption
+    from ..data.retrieval import pre_caption
 
     pixels = np.empty((stop - start, views, MODEL_INPUT, MODEL_INPUT, 3), np.uint8)
     captions = []

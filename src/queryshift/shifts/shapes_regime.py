@@ -10,7 +10,7 @@ has something to restore. The shapes world's shipped models are held to the same
 * every image and caption style keeps at least 10 % of clean R@1 with the customized model, and the
   general model does better than the customized one on each style (it knows them).
 
-:func:`measure` computes every number (``docs/shapes_regime.py`` writes them to ``docs/shapes-regime.json``
+:func:`measure` computes every number (``lab/experiments/shapes_regime.py`` writes them to its JSON
 for the model cards); :func:`check` turns a measurement into the list of conditions, met or not.
 Query shifts get the engine's per-query generator (``item_rng(seed, index)``), so each R@1 here equals what
 ``queryshift run --method source`` reports for the same queries.
@@ -21,11 +21,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.retrieval import pre_caption
 from ..metrics import batch_ranks
-from ..shifts import build, item_rng
-from ..shifts.image import IMAGE_CORRUPTIONS
-from ..shifts.text import CHAR_CORRUPTIONS, WORD_CORRUPTIONS
-from .retrieval import pre_caption
+from . import build, item_rng
+from .image import IMAGE_CORRUPTIONS
+from .text import CHAR_CORRUPTIONS, WORD_CORRUPTIONS
 
 IMAGE_TEST_SHIFTS = tuple(f"{name}:5" for name in IMAGE_CORRUPTIONS)
 TEXT_TEST_SHIFTS = tuple(f"{name}:7" for name in CHAR_CORRUPTIONS + WORD_CORRUPTIONS)
