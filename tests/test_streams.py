@@ -178,7 +178,8 @@ def test_a_continual_run_streams_every_shift_over_the_whole_query_set(karpathy, 
     result = run(_continual_cfg(karpathy, tmp_path, "run"))
     n = 8  # the fixture's images: one pass of i2t queries
     assert list(result["segments"]) == ["gaussian_noise:5", "clean", "gaussian_noise:5#2"]
-    assert result["n_queries"] == 3 * n
+    assert result["segment_order"] == list(result["segments"]) and result["n_queries"] == 3 * n
+    assert result["stream_r1"] == pytest.approx(sum(s["r1"] for s in result["segments"].values()) / 3, abs=0.01)
     queries = [q for row in _log(tmp_path / "run") for q in row["queries"]]
     assert sorted(queries[:n]) == list(range(n)) and queries[:n] == queries[n:2 * n] == queries[2 * n:]
     assert "forgetting" in result

@@ -7,6 +7,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -54,8 +55,10 @@ def summarise(cfg: RunConfig, rows: list[dict], dataset, shift, bad_items: list[
         for seg, r, a in zip(row["segments"], row["ranks"], row["aps"]):
             segments.setdefault(seg, ([], []))[0].append(r)
             segments[seg][1].append(a)
-    if len(segments) > 1:
+    if len(segments) > 1:  # in stream order (first appearance); a stream's mean weighs its segments equally
         result["segments"] = {s: retrieval_metrics(r, a) for s, (r, a) in segments.items()}
+        result["segment_order"] = list(segments)
+        result["stream_r1"] = round(float(np.mean([m["r1"] for m in result["segments"].values()])), 2)
     result["skipped_updates"] = sum(1 for row in rows if "skipped" in row)
     result.update({
         "direction": cfg.direction, "method": cfg.method, "shift": shift.name, "model": cfg.model,
