@@ -22,9 +22,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 system-deps:
 	@if [ -d /usr/share/wordnet ] && command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
 	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
-		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
 	else echo "note: install $(APT_PACKAGES) (WordNet data for the word-level text corruptions, Chromium for the serve page test)"; fi
 
 setup: system-deps $(VENV)/.installed
@@ -34,9 +34,10 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 demo: setup
 	$(BIN)/python -m queryshift.demo
 
 clean:
-	rm -rf $(VENV) demo-results .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-results .pytest_cache .ruff_cache site
