@@ -138,8 +138,20 @@ class Method:
         return recorded, log
 
     def reset(self) -> None:
-        """Restore the source parameters, a fresh optimizer state and the method's initial state."""
+        """Back to the state of a newly constructed method: the source parameters, a fresh optimizer state, the
+        method's initial state and stream position 0 (so a warm-up, such as a source-like queue's, starts again).
+        After ``reset()`` the method gives exactly the scores and logs a new instance gives on the same batches."""
         self._restore(self._snapshot)
+
+    def restore_source(self) -> None:
+        """The source parameters and a fresh optimizer state only; the method's own state (queue, EMA, ...) and
+        its stream position stay. For a method's own model recovery (SAR's), which is not a :meth:`reset`."""
+        with torch.no_grad():
+            for n, p in self.named_params:
+                p.copy_(self._snapshot["params"][n])
+                p.grad = None
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
 
     # -- shared helpers ----------------------------------------------------------------------------
 
@@ -221,14 +233,20 @@ class Method:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
+        """Every piece of state back to ``state`` (a :meth:`_capture`): parameters, optimizer, ``state_attrs``,
+        generator and stream position. ``init_state()`` runs first, so whatever a method keeps outside
+        ``state_attrs`` (caches keyed by the stream position) starts afresh instead of surviving the restore."""
+        self.init_state()
         with torch.no_grad():
             for n, p in self.named_params:
                 p.copy_(state["params"][n])
+                p.grad = None
         if self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         for a in self.state_attrs:
             setattr(self, a, copy.deepcopy(state["extra"][a]))
         self.generator.set_state(state["generator"])
+        self.batch_index = state["batch_index"]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the stream exactly (for --resume)."""
@@ -236,7 +254,6 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._restore(state)
-        self.batch_index = state["batch_index"]
 
     @contextmanager
     def _swapped(self, values: dict[str, torch.Tensor]):

