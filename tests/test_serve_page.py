@@ -110,6 +110,17 @@ def test_page_searches_uploads_toggles_and_plots(server, browser, tmp_path):
     d.find_element(By.ID, "search-btn").click()
     wait(d, lambda d: "source parameters" in d.find_element(By.ID, "status").text, "a source answer")
 
+    # every chart and the adapt box say what they show
+    assert "collapse" in d.find_element(By.CSS_SELECTOR, "#plot-uniformity .help").text
+    assert "source model answers" in d.find_element(By.ID, "adapt-help").text
+
+    # the reset button: POST /reset puts every lane back to the source parameters
+    assert s.answering.adapted["text"]
+    d.find_element(By.ID, "reset-btn").click()
+    wait(d, lambda d: "back to the source parameters" in d.find_element(By.ID, "status").text, "the reset message")
+    assert s.manual_resets == 1 and not s.answering.adapted["text"]
+    wait(d, lambda d: d.find_element(By.ID, "stat-manual-resets").text == "1", "the manual reset in the stats line")
+
     # bad input is shown, not swallowed
     query.clear()
     query.send_keys("!!! ...")
