@@ -6,10 +6,13 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
+
+from ..userfiles import clip, open_regular, short_repr
 
 _PUNCT = re.compile(r"[.!\"()*#:;~]")
 _SPACES = re.compile(r"\s{2,}")
@@ -73,12 +76,19 @@ class RetrievalDataset:
             if os.path.exists(flat):
                 path = flat
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
+            with warnings.catch_warnings():
+                # PIL only warns between its pixel limit and twice it; both decode into gigabytes
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with open_regular(path, "rb", error=DataError) as f, Image.open(f) as im:
+                    return im.convert("RGB")
         except FileNotFoundError as err:
             raise DataError(f"image {i} not found: {path}") from err
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise DataError(f"image {i} is corrupt or unreadable: {path} ({err})") from err
+        except DataError as err:  # a pipe, device or folder where the image should be
+            raise DataError(f"image {i} cannot be read: {err}") from err
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise DataError(f"image {i} has too many pixels to decode safely: {path} ({err})") from err
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+            raise DataError(f"image {i} is corrupt or unreadable: {path} ({clip(str(err))})") from err
 
     def fingerprint(self) -> str:
         """Content hash of the annotations and image locations; part of the gallery cache key."""
@@ -132,10 +142,10 @@ def duplicate_entries(dataset: RetrievalDataset) -> str | None:
     parts = []
     if images:
         parts.append(f"{len(images)} image(s) listed more than once (e.g. "
-                     + ", ".join(f"{p} x{n}" for p, n in list(images.items())[:3]) + ")")
+                     + ", ".join(f"{clip(p)} x{n}" for p, n in list(images.items())[:3]) + ")")
     if captions:
         parts.append(f"{len(captions)} caption(s) repeated for the same image (e.g. "
-                     + ", ".join(f"{k[0]!r} x{n}" for k, n in list(captions.items())[:2]) + ")")
+                     + ", ".join(f"{short_repr(k[0])} x{n}" for k, n in list(captions.items())[:2]) + ")")
     return (f"{dataset.source or dataset.name}: duplicate entries: " + "; ".join(parts)
             + "; each copy is a separate gallery item and query, which changes the metrics")
 
