@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from .run import _hparam
@@ -63,6 +64,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--device", default="cpu")
     g.add_argument("--log-level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--verbose", action="store_true",
+                   help="also log the INFO lines of open_clip, transformers and huggingface_hub (model loading)")
     p.set_defaults(func=main)
 
 
@@ -82,9 +85,29 @@ def config_from_args(args: argparse.Namespace):
         cache_dir=args.cache_dir, device=args.device, progress=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    import logging
+NOISY_LIBRARIES = ("open_clip", "transformers", "huggingface_hub")
 
+
+class QuietLibraries(logging.Filter):
+    """Drops records below WARNING that come from a model library. open_clip logs every model load at INFO on
+    the root logger (not a logger of its own), so a logger level cannot silence it; the source path can."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        parts = set(record.pathname.replace("\\", "/").split("/"))
+        return not parts.intersection(NOISY_LIBRARIES)
+
+
+def configure_logging(level: str, verbose: bool = False) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, QuietLibraries) for f in handler.filters):
+                handler.addFilter(QuietLibraries())
+
+
+def main(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
@@ -93,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise ImportError(f"queryshift serve needs the 'serve' extra: pip install 'queryshift[serve]' ({err})") from err
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.verbose)
     cfg = config_from_args(args)
     service = OnlineService(cfg)  # the gallery is encoded (or read from the cache) before the port opens
     restored = service.restored_from
