@@ -30,8 +30,13 @@ from typing import Any
 
 import yaml
 
+from .userfiles import clip, open_regular, short_repr
+
 SUITE_KEYS = {"description", "base", "grid", "rules", "published", "table"}
 TABLE_KEYS = {"rows", "columns", "metric"}
+# values a config may hold once YAML aliases are expanded; the largest shipped suite holds a few hundred,
+# while a few hundred bytes of nested aliases expand to millions (and json/repr expand them all)
+MAX_VALUES = 100_000
 
 
 class ConfigError(ValueError):
@@ -46,19 +51,45 @@ def _run_fields() -> dict[str, dataclasses.Field]:
 
 def _read_yaml(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, encoding="utf-8", error=ConfigError) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError as err:
         raise ConfigError(f"config file not found: {path}") from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (offset {err.start}); re-save it as UTF-8") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        raise ConfigError(f"{path}: not valid YAML ({clip(str(err), 600)})") from err
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read") from None
+    except ValueError as err:  # a constructor's own refusal, e.g. an integer of more than 4300 digits
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{path}: not readable as YAML ({clip(str(err))})") from None
     if data is None:
         return {}
+    if _too_many_values(data):
+        raise ConfigError(f"{path}: more than {MAX_VALUES} values once its YAML aliases (*name) are expanded; "
+                          f"write the settings out instead")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     return data
+
+
+def _too_many_values(data) -> bool:
+    """Whether ``data`` holds more than MAX_VALUES values counted as copies (what repr/json would expand);
+    a self-referencing alias counts forever, so it is refused too."""
+    count, stack = 0, [data]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set)):
+            stack.extend(value)
+    return False
 
 
 def _coerce(key: str, value: Any, field: dataclasses.Field, where: str) -> Any:
@@ -90,7 +121,7 @@ def _coerce(key: str, value: Any, field: dataclasses.Field, where: str) -> Any:
                 return str(value)
             raise TypeError
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: '{key}' must be {kind}, got {value!r}") from err
+        raise ConfigError(f"{where}: '{key}' must be {kind}, got {short_repr(value)}") from err
     return value
 
 
@@ -104,16 +135,16 @@ def validate_run(values: dict, where: str, partial: bool = False) -> dict:
     out = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}'; known keys: {', '.join(sorted(fields))}")
+            raise ConfigError(f"{where}: unknown key {short_repr(key)}; known keys: {', '.join(sorted(fields))}")
         out[key] = _coerce(key, value, fields[key], where)
     if out.get("record", "last") not in ("first", "last"):
-        raise ConfigError(f"{where}: 'record' must be 'first' or 'last', got {out['record']!r}")
+        raise ConfigError(f"{where}: 'record' must be 'first' or 'last', got {short_repr(out['record'])}")
     from .engine import RunConfig
 
     try:
         RunConfig(**({k: v for k, v in out.items() if k != "hparams"} if partial and "method" not in out else out))
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from err
+        raise ConfigError(f"{where}: {clip(str(err), 600)}") from err
     return out
 
 
@@ -123,6 +154,8 @@ def _with_includes(values: dict, path: str, seen: tuple = ()) -> dict:
     inc = values.pop("config", None)
     if inc is None:
         return values
+    if not isinstance(inc, str) or not inc:
+        raise ConfigError(f"{path}: 'config' must be the path of a YAML file, got {short_repr(inc)}")
     inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
     if os.path.abspath(inc_path) in seen:
         raise ConfigError(f"{path}: 'config' includes form a cycle through {inc_path}")
@@ -148,7 +181,8 @@ def suite_runs(path: str) -> tuple[dict, list[tuple[dict[str, str], dict]], dict
     suite = _read_yaml(path)
     for key in suite:
         if key not in SUITE_KEYS:
-            raise ConfigError(f"{path}: unknown suite key '{key}'; known keys: {', '.join(sorted(SUITE_KEYS))}")
+            raise ConfigError(f"{path}: unknown suite key {short_repr(key)}; known keys: "
+                              f"{', '.join(sorted(SUITE_KEYS))}")
     base = suite.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"{path}: 'base' must be a mapping of run settings")
@@ -169,8 +203,8 @@ def suite_runs(path: str) -> tuple[dict, list[tuple[dict[str, str], dict]], dict
             elif axis in fields:
                 opts.append((str(v), {axis: v}))
             else:
-                raise ConfigError(f"{path}: grid axis '{axis}' is not a run setting, so its values must be "
-                                  f"mappings of run settings (got {v!r})")
+                raise ConfigError(f"{path}: grid axis {short_repr(axis)} is not a run setting, so its values must "
+                                  f"be mappings of run settings (got {short_repr(v)})")
         axes.append((axis, opts))
     rules = suite.get("rules") or []
     for n, rule in enumerate(rules):
@@ -185,7 +219,7 @@ def suite_runs(path: str) -> tuple[dict, list[tuple[dict[str, str], dict]], dict
         for rule in rules:
             if all(_matches(labels.get(k, run.get(k)), want) for k, want in rule["when"].items()):
                 run = _merge(run, rule["set"])
-        where = f"{path} (run {', '.join(f'{k}={v}' for k, v in labels.items())})"
+        where = f"{path} (run {', '.join(f'{clip(k, 60)}={clip(v, 100)}' for k, v in labels.items())})"
         runs.append((labels, validate_run(run, where)))
     published = suite.get("published") or {}
     if not isinstance(published, dict) or not all(
