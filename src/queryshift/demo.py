@@ -46,6 +46,21 @@ def build_tables(method_names: list[str], max_queries: int | None, cache_dir: st
              "hints": {"rows": "method", "columns": ["direction", "shift"], "metric": "r1"}}]
 
 
+def gains(grid: dict) -> tuple[list[str], list[str], list[list[float]]]:
+    """(methods, columns, R@1 minus ``source``'s) from a bench table grid: every method but source, every shift
+    column plus ``avg``; NaN where a run is missing."""
+    cols = [*grid["cols"], "avg"]
+    rows = [r for r in grid["rows"] if r != "source"]
+
+    def values(row: str) -> list:
+        return [grid["cell"].get((row, c)) for c in grid["cols"]] + [grid["averages"].get(row)]
+
+    base = values("source")
+    known = (int, float)
+    return rows, cols, [[v - b if isinstance(v, known) and isinstance(b, known) else float("nan")
+                         for v, b in zip(values(r), base)] for r in rows]
+
+
 def plot_gains(grid: dict, path: str) -> None:
     """Heatmap of R@1 minus ``source``'s per method (rows) and shift (columns), plus the average; the point of
     the demo is the difference to the unadapted model, which absolute bars hide."""
@@ -55,20 +70,12 @@ def plot_gains(grid: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    cols = [*grid["cols"], "avg"]
-    rows = [r for r in grid["rows"] if r != "source"]
-    base = [grid["cell"].get(("source", c)) for c in grid["cols"]] + [grid["averages"].get("source")]
-
-    def delta(row: str) -> list[float]:
-        vals = [grid["cell"].get((row, c)) for c in grid["cols"]] + [grid["averages"].get(row)]
-        return [v - b if isinstance(v, (int, float)) and isinstance(b, (int, float)) else np.nan
-                for v, b in zip(vals, base)]
-
-    gains = np.array([delta(r) for r in rows], dtype=float).reshape(len(rows), len(cols))
-    bound = max(1.0, float(np.nanmax(np.abs(gains)))) if np.isfinite(gains).any() else 1.0
+    rows, cols, table = gains(grid)
+    gains_arr = np.array(table, dtype=float).reshape(len(rows), len(cols))
+    bound = max(1.0, float(np.nanmax(np.abs(gains_arr)))) if np.isfinite(gains_arr).any() else 1.0
     fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2.4, 0.42 * len(rows) + 2.2))
-    image = ax.imshow(gains, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
-    for (i, j), v in np.ndenumerate(gains):
+    image = ax.imshow(gains_arr, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    for (i, j), v in np.ndenumerate(gains_arr):
         ax.text(j, i, "" if np.isnan(v) else f"{v:+.1f}", ha="center", va="center", fontsize=9,
                 color="white" if abs(v) > 0.6 * bound else "black", fontweight="bold" if j == len(cols) - 1 else None)
     # "i2t gaussian_noise:5" -> two lines, so the labels stay horizontal and readable
