@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 
+from ..userfiles import describe, short_repr
 from .composed import ComposedDataset
 from .qgs import _read_json
 from .retrieval import DataError, pre_caption
@@ -62,7 +63,7 @@ def load_cirr(arg: str | None = None, image_root: str | None = None, max_words: 
         raise DataError(f"{cap_path}: expected a JSON list of CIRR queries")
     refs, texts, targets, exclude, subsets = [], [], [], [], []
     for k, e in enumerate(entries):
-        pair = f" (pairid {e['pairid']})" if isinstance(e, dict) and "pairid" in e else ""
+        pair = f" (pairid {short_repr(e['pairid'], 40)})" if isinstance(e, dict) and "pairid" in e else ""
         where = f"{cap_path}: entry {k}{pair}"
         if not isinstance(e, dict):
             raise DataError(f"{where}: expected an object")
@@ -70,18 +71,21 @@ def load_cirr(arg: str | None = None, image_root: str | None = None, max_words: 
             if key not in e:
                 raise DataError(f"{where}: missing field {key!r}")
         members = e["img_set"].get("members") if isinstance(e["img_set"], dict) else None
-        if not isinstance(members, list):
-            raise DataError(f"{where}: img_set.members must be a list of image names")
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise DataError(f"{where}: img_set.members must be a list of image names, got {describe(members)}")
+        for key in ("reference", "target_hard", "caption"):  # names are looked up: a list or dict cannot be
+            if not isinstance(e[key], str):
+                raise DataError(f"{where}: '{key}' must be a string, got {describe(e[key])}")
         ref, target = e["reference"], e["target_hard"]
         if ref not in index:
-            raise DataError(f"{where}: reference image {ref!r} is not in {split_path}")
+            raise DataError(f"{where}: reference image {short_repr(ref)} is not in {split_path}")
         if target not in index:
-            raise DataError(f"{where}: target image {target!r} is not in {split_path}")
+            raise DataError(f"{where}: target image {short_repr(target)} is not in {split_path}")
         missing = [m for m in members if m not in index]
         if missing:
-            raise DataError(f"{where}: img_set member {missing[0]!r} is not in {split_path}")
-        if not isinstance(e["caption"], str) or not pre_caption(e["caption"], max_words):
-            raise DataError(f"{where}: empty modification text (reference {ref!r})")
+            raise DataError(f"{where}: img_set member {short_repr(missing[0])} is not in {split_path}")
+        if not pre_caption(e["caption"], max_words):
+            raise DataError(f"{where}: empty modification text (reference {short_repr(ref)})")
         refs.append(index[ref])
         texts.append(pre_caption(e["caption"], max_words))
         targets.append([index[target]])

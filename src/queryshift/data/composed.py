@@ -13,6 +13,7 @@ CIRR ``img_set`` (minus the reference) that ``Recall_subset@K`` ranks among.
 
 from __future__ import annotations
 
+from ..userfiles import short_repr
 from .retrieval import DataError, RetrievalDataset
 
 
@@ -27,13 +28,14 @@ class ComposedDataset(RetrievalDataset):
                             f"{len(targets)} target lists; one of each per composed query")
         for q, (ref, text, rel) in enumerate(zip(references, modifications, targets)):
             if not isinstance(ref, int) or not 0 <= ref < len(images):
-                raise DataError(f"{where}: composed query {q} has no reference image (got {ref!r}; "
+                raise DataError(f"{where}: composed query {q} has no reference image (got {short_repr(ref)}; "
                                 f"the gallery has {len(images)} images)")
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: composed query {q} (reference {images[ref]!r}) has an empty "
+                raise DataError(f"{where}: composed query {q} (reference {short_repr(images[ref])}) has an empty "
                                 f"modification text")
             if not rel:
-                raise DataError(f"{where}: composed query {q} (reference {images[ref]!r}) has no target image")
+                raise DataError(f"{where}: composed query {q} (reference {short_repr(images[ref])}) has no "
+                                f"target image")
             bad = [t for t in rel if not 0 <= t < len(images)]
             if bad:
                 raise DataError(f"{where}: composed query {q}: target index {bad[0]} outside the gallery")
@@ -65,7 +67,8 @@ class ComposedDataset(RetrievalDataset):
         try:
             return self.load_image(ref)
         except DataError as err:
-            raise DataError(f"composed query {q}: reference image {self.images[ref]!r} cannot be read: {err}") from err
+            raise DataError(f"composed query {q}: reference image {short_repr(self.images[ref])} cannot be read: "
+                            f"{err}") from err
 
     def subset(self, image_ids: list[int]):
         raise DataError(f"{self.name}: a composed dataset cannot drop gallery images (--skip-bad-images); "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+from ..userfiles import describe, short_repr
 from .composed import ComposedDataset
 from .qgs import _read_json
 from .retrieval import DataError, pre_caption
@@ -72,15 +73,21 @@ def load_fashioniq(arg: str | None = None, image_root: str | None = None, max_wo
                 raise DataError(f"{where}: missing field {key!r}" + (
                     " (this split's targets are not public)" if key == "target" else ""))
         if not isinstance(e["captions"], list):
-            raise DataError(f"{where}: 'captions' must be a list of strings")
+            raise DataError(f"{where}: 'captions' must be a list of strings, got {describe(e['captions'])}")
+        for k, cap in enumerate(e["captions"]):  # join_captions would drop a number silently
+            if not isinstance(cap, str):
+                raise DataError(f"{where}: 'captions' item {k} must be a string, got {describe(cap)}")
+        for key in ("candidate", "target"):
+            if not isinstance(e[key], str):
+                raise DataError(f"{where}: '{key}' must be an image name (a string), got {describe(e[key])}")
         ref, target = e["candidate"], e["target"]
         if ref not in index:
-            raise DataError(f"{where}: reference (candidate) image {ref!r} is not in {split_path}")
+            raise DataError(f"{where}: reference (candidate) image {short_repr(ref)} is not in {split_path}")
         if target not in index:
-            raise DataError(f"{where}: target image {target!r} is not in {split_path}")
+            raise DataError(f"{where}: target image {short_repr(target)} is not in {split_path}")
         text = pre_caption(join_captions(e["captions"]), max_words)
         if not text:
-            raise DataError(f"{where}: empty modification text (candidate {ref!r})")
+            raise DataError(f"{where}: empty modification text (candidate {short_repr(ref)})")
         refs.append(index[ref])
         texts.append(text)
         targets.append([index[target]])

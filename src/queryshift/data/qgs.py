@@ -16,6 +16,8 @@ import os
 import pickle
 from functools import partial
 
+from ..userfiles import clip, describe, open_regular, parse_json
+from .loaders import captions, not_utf8
 from .retrieval import DataError, RetrievalDataset, pre_caption
 
 NOCAPS_DOMAINS = {"in": "in-domain", "near": "near-domain", "out": "out-domain", "entire": None}
@@ -23,12 +25,27 @@ NOCAPS_DOMAINS = {"in": "in-domain", "near": "near-domain", "out": "out-domain",
 
 def _read_json(path: str):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with open_regular(path, encoding="utf-8-sig", error=DataError) as f:  # -sig: a byte-order mark is fine
+            return parse_json(lambda: json.load(f), path, DataError)
     except FileNotFoundError as err:
         raise DataError(f"annotation file not found: {path}") from err
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, err) from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from err
+
+
+def _key(value, where: str, field: str):
+    """An id that relevance is grouped by: a string or a number (a list or dict cannot be compared as one)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: '{field}' must be a string or a number (an id), got {describe(value)}")
+    return value
+
+
+def _path(value, where: str, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: '{field}' must be an image file path, got {describe(value)}")
+    return value
 
 
 def _resolve(arg: str | None, default_root: str, file_name: str) -> tuple[str, str]:
@@ -69,13 +86,14 @@ def load_nocaps(arg: str | None = None, image_root: str | None = None, domain: s
     for n, e in enumerate(entries):
         if not isinstance(e, dict) or "image" not in e or "caption" not in e:
             raise DataError(f"{path}: entry {n} lacks the 'image' or 'caption' field")
+        where = f"{path}: entry {n} ({clip(_path(e['image'], f'{path}: entry {n}', 'image'))})"
         if want is not None and "domain" not in e:
-            raise DataError(f"{path}: entry {n} ({e['image']}) lacks the 'domain' field")
-        seen.add(e.get("domain"))
+            raise DataError(f"{where} lacks the 'domain' field")
+        seen.add(clip(str(e.get("domain")), 60))
+        caps = captions(e["caption"], where, "caption")
         if want is None or e["domain"] == want:
-            caps = [e["caption"]] if isinstance(e["caption"], str) else list(e["caption"])
             if not caps:
-                raise DataError(f"{path}: entry {n} ({e['image']}) has no caption")
+                raise DataError(f"{where} has no caption")
             images.append(e["image"])
             groups.append([pre_caption(c, max_words) for c in caps])
     if not images:
@@ -107,22 +125,26 @@ def load_fashion_gen(arg: str | None = None, image_root: str | None = None, deta
     products: dict[str, tuple[list[str], list[str]]] = {}  # product id -> (images, captions)
     for f in files:
         try:
-            with open(f, "rb") as fh:
+            with open_regular(f, "rb", error=DataError) as fh:
                 info = pickle.load(fh)
-        except (pickle.UnpicklingError, EOFError, OSError) as err:
-            raise DataError(f"{f}: cannot unpickle ({err})") from err
+        except DataError:
+            raise
+        except RecursionError:
+            raise DataError(f"{f}: cannot unpickle (nested too deeply)") from None
+        except Exception as err:  # unpickling a stranger's file can raise anything; name the file
+            raise DataError(f"{f}: cannot unpickle ({type(err).__name__}: {clip(str(err))})") from err
         for key in ("captions", "img_name") + (("super_cls_id",) if detail else ()):
             if not isinstance(info, dict) or key not in info:
                 raise DataError(f"{f}: lacks the '{key}' field")
         if detail and str(info["super_cls_id"]) != "21":
             continue
-        caps = [info["captions"]] if isinstance(info["captions"], str) else list(info["captions"])
-        caps = [pre_caption(c, max_words) for c in caps]
+        name = _path(info["img_name"], f, "img_name")
+        caps = [pre_caption(c, max_words) for c in captions(info["captions"], f, "captions")]
         if not caps or not all(caps):
-            raise DataError(f"{f}: empty 'captions' for image {info['img_name']!r}")
-        imgs, texts = products.setdefault(str(info["img_name"]).split("_")[0], ([], []))
-        if info["img_name"] not in imgs:
-            imgs.append(info["img_name"])
+            raise DataError(f"{f}: empty 'captions' for image {clip(name)!r}")
+        imgs, texts = products.setdefault(name.split("_")[0], ([], []))
+        if name not in imgs:
+            imgs.append(name)
         texts.extend(caps)
     if not products:
         raise DataError(f"{pkl_dir}: no pickle with super_cls_id '21'")
@@ -150,12 +172,14 @@ def load_reid(arg: str | None = None, image_root: str | None = None, default_roo
                 raise DataError(f"{path}: entry {n} lacks the '{key}' field")
         if e["split"] != "test":
             continue
-        caps = [e["captions"]] if isinstance(e["captions"], str) else list(e["captions"])
+        image = _path(e["file_path"], f"{path}: entry {n}", "file_path")
+        where = f"{path}: entry {n} ({clip(image)})"
+        caps = captions(e["captions"], where, "captions")
         for k, c in enumerate(caps):
-            if not isinstance(c, str) or not c.strip():
-                raise DataError(f"{path}: empty caption {k} of entry {n} ({e['file_path']})")
-        images.append(e["file_path"])
-        pids.append(e["id"])
+            if not c.strip():
+                raise DataError(f"{path}: empty caption {k} of entry {n} ({clip(image)})")
+        images.append(image)
+        pids.append(_key(e["id"], where, "id"))
         texts.extend(caps)
         text_pids.extend([e["id"]] * len(caps))
     if not images:
