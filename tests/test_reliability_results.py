@@ -87,3 +87,33 @@ def test_the_warm_up_restarts_after_a_reset(tiny_stream):
         assert len(method.queue) == 0
         method.step(batches[0])
         assert len(method.queue) > 0, name
+
+
+def _log_rows(run_dir):
+    """The per-batch rows of a run's log.jsonl, without their wall-clock times."""
+    import json
+
+    with open(run_dir / "log.jsonl", encoding="utf-8") as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+
+
+def test_ranks_and_logs_do_not_depend_on_the_thread_count(karpathy, tmp_path):
+    """bench --jobs N runs each point with one torch thread, --jobs 1 with the machine's default: a run pins the
+    intra-op threads its numerics use, so both give the same ranks, APs and logged losses, bit for bit."""
+    from queryshift.engine import run
+    from tests.helpers import tiny_run_config
+
+    threads = torch.get_num_threads()
+    rows, results = {}, {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)  # what bench's job pool (or OMP_NUM_THREADS) leaves a run to start with
+            cfg = tiny_run_config(karpathy, tmp_path, method="tcr", batch_size=8, steps=2, out=str(tmp_path / f"t{n}"),
+                                  hparams={"queue_batches": 1})
+            results[n] = run(cfg)
+            assert torch.get_num_threads() == n  # the caller's setting is given back
+            rows[n] = _log_rows(tmp_path / f"t{n}")
+    finally:
+        torch.set_num_threads(threads)
+    assert rows[1] == rows[2]
+    assert results[1]["config"]["threads"] == results[2]["config"]["threads"] == 1  # recorded with the run

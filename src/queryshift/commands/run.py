@@ -55,6 +55,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="image loading worker processes (default: min(4, cores - 1) for image streams of 8+ batches, "
                         "else 0)")
     g.add_argument("--device", help="torch device (default cpu)")
+    g.add_argument("--threads", type=int,
+                   help="intra-op CPU threads of the run (default 1); results are reproducible for a given value, "
+                        "whatever --jobs or OMP_NUM_THREADS, and may differ in the last bits between values")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="query tower forward in mixed precision (autocast; loss and statistics stay fp32); "
                         "default fp32")

@@ -55,6 +55,9 @@ class RunConfig:
     progress: bool = True
     precision: str = "fp32"  # query tower forward: fp32, bf16 or fp16 (autocast; loss and statistics in fp32)
     gallery_index: str = "exact"  # candidate search: exact | faiss-flat | faiss-hnsw | faiss-ivf[:key=value,...]
+    # intra-op CPU threads of the run's numerics: the thread count changes the order of sums, so it is a setting
+    # (recorded with the run), not whatever the process started with; runs saved before it existed count as 1
+    threads: int = 1
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -77,7 +80,7 @@ class RunConfig:
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {value!r}")
 
-        for name in ("batch_size", "steps", "max_words", "gallery_batch_size"):
+        for name in ("batch_size", "steps", "max_words", "gallery_batch_size", "threads"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
         need(self.max_queries is None or (isinstance(self.max_queries, int) and self.max_queries >= 1),

@@ -51,20 +51,25 @@ def default_cache_dir() -> str:
 @torch.no_grad()
 def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str, *, cache_dir: str | None = None,
                    batch_size: int = 256, max_words: int = 30, num_workers: int | None = 0, device: str = "cpu",
-                   progress: bool = False, weights: str | None = None) -> torch.Tensor:
+                   progress: bool = False, weights: str | None = None, threads: int | None = None) -> torch.Tensor:
     """The whole gallery encoded once by the source model, from the embedding store (float32 on the CPU).
 
     The store (under ``cache_dir``, default :func:`default_cache_dir`) is keyed by model + weights +
     preprocessing + data + modality; ``weights`` is the model's weight digest when the caller has already
     computed it. ``batch_size``, ``num_workers``, ``device`` and ``progress`` only say how to encode.
+    ``threads``: the intra-op thread count the caller pinned for the encoding (a run's ``RunConfig.threads``),
+    part of the key, since the thread count changes the last bits of the embeddings.
     """
     manifest = {
         "model": model.name, "model_digest": weights or weights_digest(model), "preprocess": model.preprocess_id,
         "dataset": dataset.name, "dataset_digest": dataset.fingerprint(), "modality": modality,
         "max_words": max_words,
     }
-    key = hashlib.sha256(json.dumps([manifest[k] for k in (
-        "model", "model_digest", "preprocess", "dataset_digest", "modality", "max_words")]).encode()).hexdigest()[:24]
+    key_fields = ["model", "model_digest", "preprocess", "dataset_digest", "modality", "max_words"]
+    if threads is not None:  # None (callers that do not pin threads) keeps the keys of stores made before
+        manifest["threads"] = threads
+        key_fields.append("threads")
+    key = hashlib.sha256(json.dumps([manifest[k] for k in key_fields]).encode()).hexdigest()[:24]
     store = EmbeddingStore(os.path.join(cache_dir or default_cache_dir(), "gallery", key))
     n = len(dataset.images) if modality == "image" else len(dataset.texts)
     with store.locked():

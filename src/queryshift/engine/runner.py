@@ -9,6 +9,7 @@ import dataclasses
 import os
 import sys
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -87,10 +88,28 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     shift = build_query_shift(cfg.shift, dataset.query_items(cfg.direction)[0], cfg.seed)  # a bad shift fails here
     rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite, cfg) if cfg.out and distributed.is_main() else None
     try:
-        return _run(cfg, dataset, shift, rundir, t_start)
+        with pinned_threads(cfg.threads):
+            return _run(cfg, dataset, shift, rundir, t_start)
     finally:
         if rundir:
             rundir.close()
+
+
+@contextmanager
+def pinned_threads(n: int):
+    """Run a block on ``n`` intra-op threads, then give the caller's setting back.
+
+    CPU kernels split their reductions (matmul, LayerNorm, softmax sums) by thread, so the same run on 1 and on
+    2 threads sums in a different order and differs in the last bits, enough to swap near-tied ranks. A run's
+    thread count is therefore one of its settings (``RunConfig.threads``, recorded in its config), never what
+    the process happened to start with (``bench --jobs``, ``OMP_NUM_THREADS``, the machine's cores).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) -> dict[str, Any]:
@@ -110,7 +129,7 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     gallery = encode_gallery(model, dataset, gallery_modality, cache_dir=cfg.cache_dir,
                              batch_size=cfg.gallery_batch_size, max_words=cfg.max_words,
                              num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress,
-                             weights=weights).to(cfg.device)
+                             weights=weights, threads=cfg.threads).to(cfg.device)
     if main_rank:
         distributed.barrier()
 
@@ -124,7 +143,7 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     rows: list[dict] = []
     state = None
     if rundir:
-        state, rows = rundir.restore(cfg, weights)
+        state, rows = rundir.restore(cfg, weights, dataset.fingerprint())
     state, done = distributed.broadcast_object((state, len(rows)))
     if state is not None:
         retriever.load_state_dict(state)
