@@ -435,3 +435,22 @@ def test_decompression_bomb_image_is_skipped_with_skip_bad_images(bomb, tmp_path
     result = json.loads((out / "result.json").read_text())
     assert result["n_queries"] == 7 and len(result["skipped_items"]) == 1
     assert "6.jpg" in result["skipped_items"][0] and "pixels" in result["skipped_items"][0]
+
+
+def test_corrupt_captions_of_a_karpathy_json_with_a_byte_order_mark(tmp_path, capsys):
+    path = tmp_path / "bom.json"
+    path.write_text("\ufeff" + json.dumps([{"image": "a.jpg", "caption": ["a red car parked by the road"]}]),
+                    encoding="utf-8")
+    code, err = _cli(["corrupt", "--data", str(path), "--shift", "char_swap:7", "--out", str(tmp_path / "out")],
+                     capsys)
+    assert code == 0, err
+    written = json.loads((tmp_path / "out" / "annotation_RandomCharAug_swap" / "7" / "bom.json").read_text())
+    assert written[0]["image"] == "a.jpg" and written[0]["caption"][0] != "a red car parked by the road"
+
+
+def test_config_include_that_is_not_a_path_is_named(tmp_path, capsys):
+    path = tmp_path / "inc.yaml"
+    path.write_text("config: [a.yaml]\nmethod: tent\n")
+    code, err = _cli(["run", "--config", str(path)], capsys)
+    assert code == 2
+    _one_error_line(err, "inc.yaml", "'config'", "list")

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from .userfiles import clip, open_regular, short_repr
+from .userfiles import clip, describe, open_regular, short_repr
 
 SUITE_KEYS = {"description", "base", "grid", "rules", "published", "table"}
 TABLE_KEYS = {"rows", "columns", "metric"}
@@ -155,7 +155,7 @@ def _with_includes(values: dict, path: str, seen: tuple = ()) -> dict:
     if inc is None:
         return values
     if not isinstance(inc, str) or not inc:
-        raise ConfigError(f"{path}: 'config' must be the path of a YAML file, got {short_repr(inc)}")
+        raise ConfigError(f"{path}: 'config' must be the path of a YAML file, got {describe(inc)}")
     inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
     if os.path.abspath(inc_path) in seen:
         raise ConfigError(f"{path}: 'config' includes form a cycle through {inc_path}")

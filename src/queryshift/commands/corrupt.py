@@ -11,15 +11,25 @@ Each image/caption is corrupted with the generator ``item_rng(seed, index)`` the
 same query, so image files match ``queryshift run --shift`` up to the JPEG re-encode. (Captions are perturbed
 raw, as MM_Robustness did, whereas the engine perturbs the ``pre_caption``-cleaned text.) Existing outputs
 are kept (the command resumes) unless ``--overwrite``. Streams and domain styles are online-only.
+
+Nothing is written outside ``--out``: an existing ``--out`` must be empty or hold this command's outputs
+only (``.queryshift-corrupt``, ``*_IP_*`` and ``annotation_*`` folders); every file goes through a fresh
+temporary name and a rename (a link planted in the tree is never written through); an output path that
+resolves outside ``--out``, onto its own input, or onto another image's output is refused.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import sys
 
+from ..atomic import atomic_file, write_text
 from ..shifts import item_rng
+
+MARKER = ".queryshift-corrupt"
+OUTPUT_PATTERNS = (MARKER, ".queryshift.lock", "*_IP_*", "annotation_*")
 
 IMAGE_SEVERITIES = (1, 2, 3, 4, 5)
 TCR_TEXT_LEVELS = {"char": range(1, 8), "word": (6, 7), "sentence": (1,)}  # what the TCR YAMLs ship
@@ -91,10 +101,25 @@ def inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` that is a file, or a non-empty folder this command did not write (``/``, a home)."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is not a directory")
+    if not os.path.isdir(out):
+        return
+    entries = sorted(os.listdir(out))
+    foreign = [e for e in entries if not any(fnmatch.fnmatchcase(e, p) for p in OUTPUT_PATTERNS)]
+    if foreign and MARKER not in entries:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"--out {out} is not empty and holds no 'queryshift corrupt' output ({shown}); choose a "
+                         f"new or empty folder")
+
+
 def main(args) -> int:
     from ..shifts.registry import ALIASES, IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS, build_shift
 
     check_prefix(args.prefix)
+    check_out(args.out)
     specs = expand_shifts(args.shift)
     jobs = []  # build every shift first: a bad name or a missing model fails before anything is written
     for spec in specs:
@@ -106,6 +131,9 @@ def main(args) -> int:
         jobs.append((modality, build_shift(spec, modality, args.seed, args.semantic_filter)))
     if any(m == "image" for m, _ in jobs) and not args.image_root:
         raise ValueError("image corruptions need --image-root (the folder the JSON's image paths live in)")
+    os.makedirs(args.out, exist_ok=True)
+    if not os.path.lexists(os.path.join(args.out, MARKER)):
+        write_text(os.path.join(args.out, MARKER), "written by 'queryshift corrupt'\n")
     skipped = 0
     for modality, shift in jobs:
         if modality == "image":
@@ -124,8 +152,13 @@ def main(args) -> int:
 _WORK: dict = {}
 
 
-def _init_worker(dataset, shift, seed, folder, overwrite):
-    _WORK.update(dataset=dataset, shift=shift, seed=seed, folder=folder, overwrite=overwrite)
+def _init_worker(dataset, shift, seed, folder, overwrite, root=None):
+    _WORK.update(dataset=dataset, shift=shift, seed=seed, folder=folder, overwrite=overwrite, root=root or folder)
+
+
+def image_target(folder: str, rel: str) -> str:
+    """Where the corrupted copy of the image at ``rel`` goes (an absolute path keeps only its file name)."""
+    return os.path.join(folder, rel.lstrip("/\\") if not os.path.isabs(rel) else os.path.basename(rel))
 
 
 def _corrupt_one(i: int) -> str | None:
@@ -134,8 +167,8 @@ def _corrupt_one(i: int) -> str | None:
 
     dataset, shift, folder = _WORK["dataset"], _WORK["shift"], _WORK["folder"]
     rel = dataset.images[i]
-    target = os.path.join(folder, rel.lstrip("/\\") if not os.path.isabs(rel) else os.path.basename(rel))
-    if not inside(target, folder):  # e.g. ../../x/img.jpg: never write outside --out
+    target = image_target(folder, rel)
+    if not inside(target, folder) or not inside(target, _WORK["root"]):  # ../../x/img.jpg, a planted link
         return f"image {i} ({rel!r}): its output path leaves {folder}; refused"
     if os.path.exists(target) and not _WORK["overwrite"]:
         return None
@@ -150,8 +183,8 @@ def _corrupt_one(i: int) -> str | None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     ext = os.path.splitext(target)[1].lower()
     fmt = "JPEG" if ext in (".jpg", ".jpeg", "") else _pil_format(ext)
-    out.save(target + ".part", fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    os.replace(target + ".part", target)
+    with atomic_file(target, "wb") as f:
+        out.save(f, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     return None
 
 
@@ -172,8 +205,11 @@ def write_images(args, shift) -> int:
     corruption, severity = shift.name.split(":")
     folder = os.path.join(args.out, f"{args.prefix or default_prefix(args.data)}_IP_{corruption}_{severity}")
     os.makedirs(folder, exist_ok=True)
+    if not inside(folder, args.out):
+        raise ValueError(f"{folder} leads outside --out {args.out} (a symbolic link); remove it")
     indices = _unique_images(dataset.images)
-    init = (dataset, shift, args.seed, folder, args.overwrite)
+    check_targets(dataset, folder, indices)
+    init = (dataset, shift, args.seed, folder, args.overwrite, args.out)
     errors = []
     with tqdm(total=len(indices), desc=shift.name, unit="img", disable=not getattr(args, "progress", True)) as bar:
         if args.workers > 1:
@@ -196,6 +232,23 @@ def write_images(args, shift) -> int:
     return len(errors)
 
 
+def check_targets(dataset, folder: str, indices: list[int]) -> None:
+    """Refuse, before anything is written, an output that would replace its own input or another image's
+    output (two absolute paths of one file name)."""
+    written: dict[str, int] = {}
+    for i in indices:
+        target = os.path.realpath(image_target(folder, dataset.images[i]))
+        if target == os.path.realpath(dataset.image_path(i)):
+            raise ValueError(f"image {i} ({dataset.images[i]!r}): its output {target} is the input image itself; "
+                             f"choose an --out outside the images (or another --prefix)")
+        if target in written:
+            first = written[target]
+            raise ValueError(f"images {dataset.images[first]!r} and {dataset.images[i]!r} would both be written "
+                             f"to {target} (absolute paths keep only the file name, and it is the same); "
+                             f"make the paths relative to an --image-root")
+        written[target] = i
+
+
 def _unique_images(images: list[str]) -> list[int]:
     first: dict[str, int] = {}
     for i, rel in enumerate(images):
@@ -212,15 +265,17 @@ def write_captions(args, shift) -> None:
     from ..data import load_karpathy
 
     load_karpathy(args.data)  # validates the file with the loader's own checks and messages
-    with open(args.data, encoding="utf-8") as f:
+    with open(args.data, encoding="utf-8-sig") as f:  # as the loader reads it: a byte-order mark is fine
         entries = json.load(f)
     corruption, level = shift.name.split(":")
     target = os.path.join(args.out, f"annotation_{corruption}", level, os.path.basename(args.data))
+    if os.path.exists(target) and os.path.samefile(target, args.data):
+        raise ValueError(f"{target} is the input annotation file itself; choose another --out")
+    if not inside(target, args.out):
+        raise ValueError(f"{target} leads outside --out {args.out} (a symbolic link); remove it")
     if os.path.exists(target) and not args.overwrite:
         print(f"{target} exists, kept (use --overwrite to rewrite)", file=sys.stderr)
         return
-    if os.path.exists(target) and os.path.samefile(target, args.data):
-        raise ValueError(f"{target} is the input annotation file itself; choose another --out")
     # the loader's numbering of texts (COCO keeps 5 per image), so rng(index) matches the online engine
     keep = 5 if "coco" in os.path.basename(args.data).lower() else None
     index = 0
@@ -232,6 +287,5 @@ def write_captions(args, shift) -> None:
             index += 1
         entry["caption"] = captions[0] if single else captions
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    with open(target + ".part", "w", encoding="utf-8") as f:
+    with atomic_file(target, "w") as f:
         json.dump(entries, f, allow_nan=False)
-    os.replace(target + ".part", target)
