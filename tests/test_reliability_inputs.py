@@ -454,3 +454,12 @@ def test_config_include_that_is_not_a_path_is_named(tmp_path, capsys):
     code, err = _cli(["run", "--config", str(path)], capsys)
     assert code == 2
     _one_error_line(err, "inc.yaml", "'config'", "list")
+
+
+@pytest.mark.parametrize("value", ["x" * 100_000, _laughs(5)])
+def test_long_hyper_parameter_values_are_cut_in_messages(tmp_path, capsys, value):
+    code, err = _cli(["run", "--model", TINY_MODEL, "--data", "shapes", "--method", "tent", "--hparam",
+                      f"tau={value}"], capsys)
+    assert code == 2
+    _one_error_line(err, "tau")
+    assert len(err) < 600

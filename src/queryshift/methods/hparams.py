@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from ..userfiles import short_repr
+
 
 class RawText(str):
     """A value typed as text (``--hparam KEY=VALUE``): the hyper-parameter's spec decides its type.
@@ -53,12 +55,12 @@ class HP:
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             if self.none:
                 return None
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+            raise ValueError(f"{name} must be {self.describe()}, got {short_repr(value)}")
         value = self._convert(name, value)
         if self.type in (int, float):
             self._check_range(name, value)
         if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, self.choices))}, got {short_repr(value)}")
         return value
 
     def _convert(self, name: str, value: Any) -> Any:
@@ -68,7 +70,7 @@ class HP:
                 return value
             if text is not None and text.lower() in _TRUE + _FALSE:
                 return text.lower() in _TRUE
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise ValueError(f"{name} must be true or false, got {short_repr(value)}")
         if self.type is str:
             if isinstance(value, str):
                 return str(value)
@@ -76,20 +78,20 @@ class HP:
                 for word in (_TRUE if value else _FALSE):
                     if word in self.choices:
                         return word
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+            raise ValueError(f"{name} must be {self.describe()}, got {short_repr(value)}")
         if isinstance(value, bool):
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+            raise ValueError(f"{name} must be {self.describe()}, got {short_repr(value)}")
         if text is not None and text.lower().lstrip("+-") in (".nan", ".inf"):  # YAML spellings
             text = text.replace(".", "", 1)
         try:
             number = float(text) if text is not None else float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}") from None
+            raise ValueError(f"{name} must be {self.describe()}, got {short_repr(value)}") from None
         if not math.isfinite(number):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+            raise ValueError(f"{name} must be a finite number, got {short_repr(value)}")
         if self.type is int:
             if number != int(number):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise ValueError(f"{name} must be an integer, got {short_repr(value)}")
             return int(number)
         return number
 
@@ -97,7 +99,7 @@ class HP:
         for bound, ok, sign in ((self.gt, lambda v, b: v > b, ">"), (self.ge, lambda v, b: v >= b, ">="),
                                 (self.lt, lambda v, b: v < b, "<"), (self.le, lambda v, b: v <= b, "<=")):
             if bound is not None and not ok(value, bound):
-                raise ValueError(f"{name} must be {sign} {bound:g}, got {value!r}")
+                raise ValueError(f"{name} must be {sign} {bound:g}, got {short_repr(value)}")
 
     def describe(self) -> str:
         kind = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[self.type]
@@ -114,7 +116,7 @@ def validate_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
     Unknown keys (not in ``cls.defaults``) are refused; keys the method declares no spec for pass unchanged.
     """
     if not isinstance(hparams, dict):
-        raise ValueError(f"method {cls.name!r}: hparams must be a mapping of name: value, got {hparams!r}")
+        raise ValueError(f"method {cls.name!r}: hparams must be a mapping of name: value, got {short_repr(hparams)}")
     unknown = sorted(set(hparams) - set(cls.defaults))
     if unknown:
         raise ValueError(f"unknown hyper-parameter(s) {unknown} for method {cls.name!r}; "
