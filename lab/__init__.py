@@ -4,3 +4,5 @@ Not part of the installed package. Importing ``lab`` registers the lab's methods
 :mod:`queryshift.methods`; ``python -m lab.cli`` is the ``queryshift`` CLI with the lab registered and its suites
 (``lab/suites``) found by name. See lab/README.md.
 """
+
+from lab import rest_design  # noqa: E402,F401  (registers the method rest-design)

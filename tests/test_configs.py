@@ -1,4 +1,5 @@
-"""Every YAML under configs/ loads and validates; the shipped suites (queryshift/suites) expand; absent paths are reported, not raised."""
+"""Every shipped run config (queryshift/suites/runs) loads and validates; the shipped suites (queryshift/suites)
+expand; absent paths are reported, not raised."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 from queryshift.configs import ConfigError, check_paths, load_run_config, load_suite, suite_runs
 from queryshift.engine import RunConfig
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-SUITE_DIR = os.path.join(os.path.dirname(ROOT), "src", "queryshift", "suites")
+SUITE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "queryshift", "suites")
+ROOT = os.path.join(SUITE_DIR, "runs")  # the run configs the shipped suites build on (package data too)
 RUNS = sorted(glob.glob(os.path.join(ROOT, "**", "*.yaml"), recursive=True))
 SUITES = sorted(glob.glob(os.path.join(SUITE_DIR, "*.yaml")))
 IMAGE_CORRUPTIONS = 16

@@ -156,10 +156,10 @@ def test_tcr_empty_rem_selection_updates_with_the_tcr_codes_gradient(tiny):
 
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_rest_without_its_additions_is_tcr(tiny, modality):
-    """rest(decouple=off, lambda_k=0, w_con=0, log_angle=False) = tcr: same ranks, losses and parameters, also on a
-    batch with an empty reliable selection."""
+    """rest(lambda_k=0, w_con=0) = tcr: same ranks, losses and parameters, also on a batch with an empty reliable
+    selection."""
     runs = {}
-    rest_as_tcr = {"decouple": "off", "lambda_k": 0.0, "w_con": 0.0, "log_angle": False}
+    rest_as_tcr = {"lambda_k": 0.0, "w_con": 0.0}
     for name, hp in (("tcr", {"queue_batches": 1}), ("rest", {"queue_batches": 1, **rest_as_tcr})):
         m = make(tiny, name, modality, steps=2, hparams=hp)
         logs, ranks = [], []
@@ -275,20 +275,7 @@ def test_sar_pass2_skip_counts_as_a_skipped_update(tiny):
     assert all(torch.equal(p, tiny[3][n]) for n, p in adapted(m).items())
 
 
-# -- 8. REST: where the projection acts ----------------------------------------------------------------
-
-
-def _spy_decouple(monkeypatch):
-    calls = []
-    real = C.decouple_gradients
-
-    def spy(g_adapt, g_know, mode="tensor", lambda_k=0.0, **kw):
-        out, info = real(g_adapt, g_know, mode, lambda_k, **kw)
-        calls.append(([a.clone() for a in g_adapt], [b.clone() for b in g_know], mode, [o.clone() for o in out], info))
-        return out, info
-
-    monkeypatch.setattr(C, "decouple_gradients", spy)
-    return calls
+# -- 8. REST: a few steps away from the source (the projections themselves: lab/tests/test_rest_design_default.py)
 
 
 def _move_away_from_source(m, x, lr=1e-2, n=2):
@@ -300,49 +287,6 @@ def _move_away_from_source(m, x, lr=1e-2, n=2):
         m.step(x)
     for g, v in zip(m.optimizer.param_groups, lrs):
         g["lr"] = v
-
-
-@pytest.mark.parametrize("modality", ["image", "text"])
-@pytest.mark.parametrize("decouple", ["tensor", "global"])
-def test_decoupled_sgd_update_is_minus_the_projected_gradient(tiny, monkeypatch, modality, decouple):
-    m = make(tiny, "rest", modality, steps=1, optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0,
-             hparams={"decouple": decouple})
-    x = tiny[2][modality][0]
-    _move_away_from_source(m, x)
-    calls = _spy_decouple(monkeypatch)
-    before = adapted(m)
-    _, log = m.step(x)
-    assert len(calls) == 1 and "skipped" not in log
-    # L_know compares with the *source* predictions (encode_with_source): away from the source it is not 0
-    assert log["l_know"] > 1e-7, log
-    g_a, g_k, mode, projected, info = calls[0]
-    assert mode == decouple and info["conflict_frac"] > 0  # something had to be projected here
-    for (n, p), ga, gk, gp in zip(m.named_params, g_a, g_k, projected):
-        assert torch.allclose(p.detach() - before[n], -gp, rtol=1e-5, atol=1e-7), n  # lr 1: update = -g'
-        if decouple == "tensor":
-            assert float((gp * gk).sum()) >= -1e-6 * float(gk.norm() * ga.norm() + 1e-30), n  # no conflict left
-    # no conflict left over the whole gradient (the only test of "global", which projects all tensors at once)
-    scale = sum(float(gk.norm() * ga.norm()) for ga, gk in zip(g_a, g_k))
-    assert sum(float((gp * gk).sum()) for gp, gk in zip(projected, g_k)) >= -1e-6 * scale
-    assert any(float((ga * gk).sum()) < 0 for ga, gk in zip(g_a, g_k))
-
-
-def test_decouple_after_optimizer_makes_the_adamw_update_conflict_free(tiny, monkeypatch):
-    m = make(tiny, "rest", "text", steps=1, lr=1e-2, hparams={"decouple_after": "optimizer", "decouple": "tensor"})
-    x = tiny[2]["text"][0]
-    _move_away_from_source(m, x, n=3)
-    calls = _spy_decouple(monkeypatch)
-    before = adapted(m)
-    _, log = m.step(x)
-    assert "skipped" not in log and "update_conflict_frac" in log
-    _, g_k, mode, _, _ = calls[0]
-    assert mode == "off"  # the gradient goes to AdamW unprojected
-    for (n, p), gk in zip(m.named_params, g_k):
-        d = p.detach() - before[n]
-        # the applied change does not raise L_know to first order
-        assert float((d * gk).sum()) <= 1e-5 * float(d.norm() * gk.norm() + 1e-30), n  # float32 rounding
-    with pytest.raises(ValueError, match="decouple_after"):
-        make(tiny, "rest", "text", hparams={"decouple_after": "later"})
 
 
 def test_encode_with_source_uses_the_source_and_leaves_the_adapted_parameters(tiny):
@@ -406,7 +350,7 @@ def test_sgd_step_lowers_the_methods_own_loss(tiny, name, modality):
     if name in ("tcr", "rest"):
         m.step(x0)  # fills the queue, which is then frozen (queue_batches 1)
         if name == "rest":
-            _move_away_from_source(m, x0, n=1)  # so that the decoupling acts on the step under test
+            _move_away_from_source(m, x0, n=1)  # so that the knowledge pull acts on the step under test
     before, grads = _own_loss(m, x1)
     start = adapted(m)
     _, log = m.step(x1)

@@ -1,8 +1,8 @@
 """Experiment (not shipped, issue 10): what the 45-minute training budget buys, and what more training costs.
 
 Two variants of the shipped two-stage recipe (model cards), each measured with the regime of
-``lab/experiments/shapes_regime.py`` (1k split, first 1,000 queries; clean shapes-5k with every query) and with clean R@1
-by the number of objects in the scene (the world pins three-object scenes down: the oracle's 5k R@1 on them
+``lab/experiments/shapes_regime.py`` (1k split, first 1,000 queries; clean shapes-5k with every query) and with
+clean R@1 by the number of objects in the scene (the world pins three-object scenes down: the oracle's 5k R@1 on them
 is 95.6 i2t / 97.1 t2i, lab/experiments/shapes-oracle.json):
 
 * ``long_custom``: the shipped ``shapes-clip`` customized further on the clean domain, 3,000 steps on all

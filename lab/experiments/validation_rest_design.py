@@ -1,7 +1,8 @@
 """Choose REST's design from a finished ``validation-rest-design`` bench run (validation shifts only).
 
     queryshift bench --suite validation-rest-design --out runs/validation-rest-design --jobs 2
-    python lab/experiments/validation_rest_design.py runs/validation-rest-design [--json lab/experiments/validation-rest-design.json]
+    python lab/experiments/validation_rest_design.py runs/validation-rest-design \
+        [--json lab/experiments/validation-rest-design.json]
 
 The rule, fixed before the suite ran (issue 11: "by mean R@1 in both directions plus forgetting"): for every
 variant, ``score = mean R@1 + mean forgetting``, both averaged over the suite's eight validation queries (five
@@ -19,7 +20,8 @@ TCR's, so the default becomes the best-scoring variant that meets it (step times
 does, and the score given up against it is printed:
 
     python benchmarks/step_time.py --no-big | tail -1 > /tmp/step_time.json
-    python lab/experiments/validation_rest_design.py runs/validation-rest-design-2 --json lab/experiments/validation-rest-design-2.json \
+    python lab/experiments/validation_rest_design.py runs/validation-rest-design-2 \
+        --json lab/experiments/validation-rest-design-2.json \
         --incumbent "rest K1 global" --step-times /tmp/step_time.json
 
 Round 3 (``validation-rest-design-3``, K5's knowledge gradient combined otherwise: an EWC pull, the projection
@@ -27,7 +29,8 @@ plus a pull, half the conflicting component kept) adds ``--min-gain``, fixed bef
 read: the incumbent (K5 block global, rerun in the suite) stays unless a candidate beats its score by at least
 0.3:
 
-    python lab/experiments/validation_rest_design.py runs/validation-rest-design-3 --json lab/experiments/validation-rest-design-3.json \
+    python lab/experiments/validation_rest_design.py runs/validation-rest-design-3 \
+        --json lab/experiments/validation-rest-design-3.json \
         --incumbent "rest K5 block global" --step-times /tmp/step_time.json --min-gain 0.3
 """
 

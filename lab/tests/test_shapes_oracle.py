@@ -1,4 +1,5 @@
-"""The truth of a shapes caption (``caption_fits``) and the oracle ceiling computed from it (lab/experiments/shapes_oracle.py)."""
+"""The truth of a shapes caption (``caption_fits``) and the oracle ceiling computed from it
+(lab/experiments/shapes_oracle.py)."""
 
 import importlib.util
 import itertools

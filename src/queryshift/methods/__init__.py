@@ -1,13 +1,24 @@
-"""Method registry: ``get("tcr")`` -> the method class. A new method is one file plus one line here."""
+"""Method registry: ``get("tcr")`` -> the method class.
+
+A method outside the package is added with :func:`register` (a :class:`Method` subclass, or ``"module:Class"``
+imported on first use). Modules named in the environment variable ``QUERYSHIFT_PLUGINS`` (comma-separated, e.g.
+``QUERYSHIFT_PLUGINS=lab``) are imported before the registry is first read, so that their ``register`` calls
+also reach processes the CLI starts (``bench --jobs``, torchrun ranks)::
+
+    from queryshift import methods
+    methods.register("my-tent", "my_package.my_tent:MyTent")
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
+import re
 
 from .base import AdaptConfig, Method, NonFiniteLossError
 
 # name -> "module:Class" (imported on first use, so a method's optional dependencies stay optional)
-METHODS: dict[str, str] = {
+METHODS: dict[str, str | type[Method]] = {
     "source": ".source:Source",
     "tent": ".tent:Tent",
     "eata": ".eata:EATA",
@@ -21,15 +32,65 @@ METHODS: dict[str, str] = {
 }
 
 
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the modules named in ``QUERYSHIFT_PLUGINS`` (once; they register their methods on import)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for module in filter(None, (m.strip() for m in os.environ.get("QUERYSHIFT_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(f"QUERYSHIFT_PLUGINS: cannot import {module!r}: {e}") from e
+
+
+def register(name: str, target: str | type[Method], replace: bool = False) -> None:
+    """Make ``target`` available as method ``name`` (``--method NAME``, suites, :func:`get`).
+
+    ``target`` is a :class:`Method` subclass or ``"module:Class"`` (absolute module path), imported on first use.
+    Registering a name again with the same target does nothing; with another target it is refused unless
+    ``replace`` is true.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"method name must be lower-case letters, digits, '-', '_' or '.', got {name!r}")
+    if isinstance(target, str):
+        module, _, cls = target.partition(":")
+        if not module or not cls or module.startswith("."):
+            raise ValueError(f"method {name!r}: target must be 'package.module:Class', got {target!r}")
+    elif not (isinstance(target, type) and issubclass(target, Method)):
+        raise TypeError(f"method {name!r}: target must be a Method subclass or 'module:Class', got {target!r}")
+    current = METHODS.get(name)
+    if current is not None and current != target and not replace:
+        raise ValueError(f"method {name!r} is already registered ({_describe(current)}); pass replace=True")
+    METHODS[name] = target
+
+
+def _describe(target: str | type[Method]) -> str:
+    return target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+
+
 def get(name: str) -> type[Method]:
+    load_plugins()
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    module, _, cls = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module, __package__), cls)
+    target = METHODS[name]
+    if not isinstance(target, str):
+        return target
+    module, _, cls = target.partition(":")
+    found = getattr(importlib.import_module(module, __package__), cls)
+    if not (isinstance(found, type) and issubclass(found, Method)):
+        raise TypeError(f"method {name!r}: {target} is not a Method subclass")
+    return found
 
 
 def available() -> list[str]:
+    load_plugins()
     return list(METHODS)
 
 
-__all__ = ["AdaptConfig", "Method", "NonFiniteLossError", "METHODS", "get", "available"]
+__all__ = ["AdaptConfig", "Method", "NonFiniteLossError", "METHODS", "get", "available", "register", "load_plugins"]

@@ -1,4 +1,4 @@
-"""``deyo``: DeYO (Lee et al., ICLR 2024) as reconstructed from the TCR code's bytecode (spec §3.6).
+"""``deyo``: DeYO (Lee et al., ICLR 2024) as reconstructed from the TCR code's bytecode.
 
 With logits ``z = q . G^T / tau`` over the full gallery and entropies ``H``:
 1. entropy filter: ``H <`` (strict) the k-th smallest entropy, ``k = int(deyo_margin * B)``;
@@ -16,7 +16,7 @@ Text queries: as in the TCR code, ``x'`` is the unchanged texts and the PLPD thr
 and the PLPD filter is inactive (DeYO reduces to entropy-filtered, re-weighted Tent). We set PLPD = 0
 directly instead of running the identical forward a second time.
 
-Defaults: ``tau`` 0.01 (dataset table of spec §1.5 applied by configs via ``hparams``), ``deyo_margin``
+Defaults: ``tau`` 0.01 (the TCR code's per-dataset temperature, set by configs via ``hparams``), ``deyo_margin``
 0.5 and ``margin_e0`` 0.4 (fractions, as the TCR code; the original DeYO uses entropy margins scaled by
 ln(num classes)), ``patch_len`` 4, ``plpd_threshold`` None = 0.0 for images, -1.0 for texts.
 

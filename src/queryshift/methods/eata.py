@@ -1,4 +1,4 @@
-"""``eata``: EATA (Niu et al., ICML 2022) as reconstructed from the TCR code's bytecode (spec §3.5).
+"""``eata``: EATA (Niu et al., ICML 2022) as reconstructed from the TCR code's bytecode.
 
 Per forward, with logits ``z = q . G^T / tau`` over the full gallery and entropies ``H``:
 1. reliable: ``H <= `` the k-th smallest entropy, ``k = int(e_margin * B)`` (``e_margin`` is a fraction);
@@ -9,12 +9,12 @@ No Fisher/EWC term (the TCR code passes ``fishers=None``), no reset. Scores: the
 Fisher regulariser this is **ETA-style** (EATA's sample selection and weighting only); forgetting numbers
 of ``eata`` are those of ETA, not of EATA's anti-forgetting term.
 
-Defaults: ``tau`` 0.01 (dataset table of spec §1.5 applied by configs via ``hparams``), ``e_margin`` 0.4,
+Defaults: ``tau`` 0.01 (the TCR code's per-dataset temperature, set by configs via ``hparams``), ``e_margin`` 0.4,
 ``e_offset`` 0.4, ``d_margin`` 0.05, ``momentum`` 0.9.
 
 Deviations: the TCR code uses one number, ``e_margin = 0.4``, both as the selection fraction and as the
 entropy offset of the weight; here they are two hyper-parameters with that same default. The original
-EATA uses ``0.4 * ln(1000)`` as an entropy margin; we follow the TCR code (spec §7.8).
+EATA uses ``0.4 * ln(1000)`` as an entropy margin; we follow the TCR code.
 Empty selection (no survivor): the TCR code takes the mean of an empty set, whose value is NaN but whose
 gradient is zero, so its AdamW still steps with zero gradients (the momentum of earlier steps and the
 weight decay move the parameters). We do the same: the loss is ``0 * sum(H)`` (zero gradient) and the

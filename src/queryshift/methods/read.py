@@ -1,4 +1,4 @@
-"""``read``: the READ baseline as the TCR code implements it (spec §3.3).
+"""``read``: the READ baseline as the TCR code implements it.
 
 With ``P = softmax(q . G^T / tau)`` over the full gallery (B x N):
 - robust term ``L_ra = mean_i p_i (1 - log p_i + log gamma)``, ``p_i = max_j P_ij``, ``gamma = e^-1``
@@ -6,7 +6,7 @@ With ``P = softmax(q . G^T / tau)`` over the full gallery (B x N):
 - balance term ``L_bal = H(softmax_j(sum_i P_ij))`` (a softmax of the column sums, not a normalisation);
 - ``L = L_ra - w_bal * L_bal``. No selection, no reset. Scores: the logits.
 
-Defaults: ``tau`` 0.01 (dataset table of spec §1.5 applied by configs via ``hparams``), ``gamma`` e^-1,
+Defaults: ``tau`` 0.01 (the TCR code's per-dataset temperature, set by configs via ``hparams``), ``gamma`` e^-1,
 ``w_bal`` 1.
 
 Deviations: none in the loss; a non-finite loss or gradient skips the update (``Method.update``).

@@ -1,4 +1,4 @@
-"""``sar``: SAR (Niu et al., ICLR 2023) as the TCR code runs it (spec §3.2).
+"""``sar``: SAR (Niu et al., ICLR 2023) as the TCR code runs it.
 
 Per step, with entropies ``H`` of ``softmax(q . G^T / tau)`` over the full gallery:
 1. select ``H <= thr``, thr = the k-th smallest entropy, ``k = int(margin_e0 * B)`` (a fraction here);
@@ -11,11 +11,11 @@ Per step, with entropies ``H`` of ``softmax(q . G^T / tau)`` over the full galle
    until the ema has recovered above ``reset_constant``.
 Scores: the logits of pass 1.
 
-Defaults: ``tau`` 0.01 (dataset table of spec §1.5 applied by configs via ``hparams``), ``margin_e0`` 0.4
+Defaults: ``tau`` 0.01 (the TCR code's per-dataset temperature, set by configs via ``hparams``), ``margin_e0`` 0.4
 (fraction), ``rho`` 0.05 (non-adaptive SAM), ``reset_constant`` 0.2, ``ema_momentum`` 0.9.
 
 Deviations: the original SAR uses ``0.4 * ln(1000)`` as an entropy margin; we follow the TCR code's
-fraction (spec §7.8). Empty selections: the TCR code uses a 0 loss; here an empty pass 1 or pass 2
+fraction. Empty selections: the TCR code uses a 0 loss; here an empty pass 1 or pass 2
 skips the update (``Method.update`` logs ``skipped``, or ``skipped2`` for pass 2, in which case
 ``skipped`` says ``pass2-<reason>`` too, since no descent step was taken; a started SAM perturbation is
 undone), while the ema still receives ``L2 = 0`` as in that code, so the recovery rule behaves the same. A

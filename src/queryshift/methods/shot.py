@@ -1,4 +1,4 @@
-"""``shot``: SHOT-IM plus pseudo-label cross-entropy, as the TCR code runs it (spec §3.4).
+"""``shot``: SHOT-IM plus pseudo-label cross-entropy, as the TCR code runs it.
 
 With logits ``z = q . G^T / tau`` over the full gallery and ``P = softmax(z)``:
 ``L = mean_i H(P_i) + sum_j pbar_j log(pbar_j + 1e-5) + clf_coeff * CE(z_i, argmax P_i)``, where
@@ -6,7 +6,7 @@ With logits ``z = q . G^T / tau`` over the full gallery and ``P = softmax(z)``:
 is averaged over the queries with ``max_j P_ij > threshold`` (0 when there are none). No reset.
 Scores: the logits.
 
-Defaults: ``tau`` 0.01 (dataset table of spec §1.5 applied by configs via ``hparams``), ``threshold`` 0.9,
+Defaults: ``tau`` 0.01 (the TCR code's per-dataset temperature, set by configs via ``hparams``), ``threshold`` 0.9,
 ``clf_coeff`` 0.1.
 
 Pseudo-labels: ``argmax P_i`` of the current forward, thresholded by confidence, as the TCR code computes

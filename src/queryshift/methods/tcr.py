@@ -1,4 +1,4 @@
-"""``tcr``: TCR (Li et al., ICLR 2025), spec §2.
+"""``tcr``: TCR (Li et al., ICLR 2025), as its released code runs it.
 
 Per step: ``Q`` query embeddings, ``S = Q G^T`` (returned as scores, raw cosine), candidates
 ``g~_i = G[argmax_j S_ij]``, in-batch logits ``Q G~^T / tau`` and their entropies ``h``. At step 0 of
@@ -7,8 +7,8 @@ the smallest indicator (``components.SourceLikeQueue``). Loss ``L_REM + L_UNI + 
 noise-robust entropy with threshold ``E_m`` = max queue entropy, centre-uniformity with ``t``, and
 ``(Delta(Q, G~) - Delta_queue)^2``.
 
-Defaults (spec §2.6): ``tau`` 0.02 on every dataset (the TCR code skips the dataset table for TCR;
-a config may still set another value through ``hparams``, spec §7.1),
+Defaults: ``tau`` 0.02 on every dataset (the TCR code skips the dataset table for TCR;
+a config may still set another value through ``hparams``),
 ``con_ratio`` 0.3, ``queue_size`` 64, ``queue_batches`` 10, ``t`` 0.1, ``rem_eps`` 1e-3.
 
 Empty REM selection (no query has ``h <= E_m``): in the TCR code L_REM is the mean of an empty set, so
@@ -22,7 +22,7 @@ there) the update is skipped (``Method.update`` logs ``skipped: empty``); with t
 happen, since the queue is filled at step 0 of the first batch before its first use. Non-finite samples
 never enter the queue (``SourceLikeQueue``).
 
-``rest`` with ``decouple="off"``, ``w_con=0`` and ``log_angle=False`` (and its other defaults) computes
+``rest`` with ``lambda_k=0`` and ``w_con=0`` (and its other defaults) computes
 the same loss and update as ``tcr`` whenever the queue is non-empty (tests/test_method_fidelity.py).
 """
 

@@ -1,4 +1,4 @@
-"""``tcr-free``: TCR_Untrain, the training-free TCR variant (spec §2.7). No parameter is updated.
+"""``tcr-free``: TCR_Untrain, the training-free TCR variant. No parameter is updated.
 
 One forward per batch: ``Q``, candidates ``G~`` (top-1), the source-like queue updated as in TCR
 (step 0 of the first ``queue_batches`` batches), then a feature transform of the queries:
@@ -7,7 +7,7 @@ One forward per batch: ``Q``, candidates ``G~`` (top-1), the source-like queue u
 3. gap correction ``q_i <- q_i + (1 - Delta_queue / Delta_batch) (mean(G~) - c_q)``;
 4. re-normalise; scores ``q' . G^T``.
 
-Defaults: ``scale`` 2.0, ``tau`` 0.01 (dataset table of spec §1.5, applied by configs via ``hparams``; it
+Defaults: ``scale`` 2.0, ``tau`` 0.01 (the TCR code's per-dataset temperature, set by configs via ``hparams``; it
 only enters the queue's stored entropies, which the transform does not use), ``con_ratio`` 0.3,
 ``queue_size`` 64, ``queue_batches`` 10.
 

@@ -1,9 +1,9 @@
-"""``tent``: Tent (Wang et al., ICLR 2021) for retrieval, as the TCR code runs it (spec §3.1).
+"""``tent``: Tent (Wang et al., ICLR 2021) for retrieval, as the TCR code runs it.
 
 Loss: the mean over all B queries of the entropy of ``softmax(q . G^T / tau)`` over the full gallery.
 No sample selection, no reset. Scores: the logits ``q . G^T / tau``.
 
-Defaults: ``tau`` 0.01 (spec §1.5 for COCO/Flickr/Nocaps). The dataset-specific temperatures
+Defaults: ``tau`` 0.01 (the TCR code's value for COCO, Flickr and Nocaps). The dataset-specific temperatures
 (Fashion-Gen 0.001, CUHK-/ICFG-PEDES 0.0001) are set by the run configs through ``hparams``.
 
 Deviations: none in the loss. A non-finite loss or gradient skips the update (``Method.update``), where

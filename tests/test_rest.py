@@ -1,0 +1,132 @@
+"""The shipped ``rest``: its hyper-parameters, its state, and the knowledge pull ``g_a + lambda_k F (theta -
+theta_0)`` with per-tensor Fisher blocks estimated during the queue's warm-up. Expected values by hand."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from queryshift.methods import components as C
+from queryshift.methods.rest import REST
+from tests.test_method_fidelity import adapted, make, tiny  # noqa: F401  (fixture)
+
+
+def test_every_method_declares_a_type_and_range_for_every_hyper_parameter():
+    from queryshift import methods
+
+    for name in methods.available():
+        cls = methods.get(name)
+        assert set(cls.hparam_spec) == set(cls.defaults), name
+        cls.check_hparams(dict(cls.defaults))  # the defaults themselves are valid
+
+
+def test_rest_declares_only_what_a_user_tunes_and_keeps_only_the_state_it_uses(tiny):  # noqa: F811
+    assert len(REST.defaults) <= 14 and REST.defaults["lambda_k"] == 10.0
+    assert REST.state_attrs == ("queue", "fisher")
+    m = make(tiny, "rest", "image", steps=1, hparams={"queue_batches": 2})
+    extra = m.state_dict()["extra"]
+    assert set(extra) == {"queue", "fisher"} and isinstance(extra["fisher"], C.BlockFisher)
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        make(tiny, "rest", "image", hparams={"decouple": "global"})  # a design option: the lab's rest-design
+
+
+def test_block_fisher_by_hand():
+    rows = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, -1.0])]  # two tensors: sizes 2 and 1
+    params, source = [torch.tensor([2.0, 0.0]), torch.tensor([3.0])], [torch.tensor([1.0, 1.0]), torch.tensor([1.0])]
+    d = torch.tensor([1.0, -1.0, 2.0])
+    fisher = C.BlockFisher()
+    for r in rows:
+        fisher.add([r[:2], r[2:]])
+    fisher.add([torch.tensor([float("inf"), 0.0]), torch.tensor([0.0])])  # not finite: ignored
+    f = sum(torch.outer(r, r) for r in rows) / 2
+    f[:2, 2:] = 0  # the per-tensor blocks only
+    f[2:, :2] = 0
+    grads, value = fisher.knowledge(params, source)
+    assert len(fisher) == 2 and grads[0].shape == (2,) and grads[1].shape == (1,)
+    assert torch.allclose(torch.cat(grads), f @ d) and math.isclose(value, 0.5 * float(d @ f @ d), rel_tol=1e-6)
+    saved = copy.deepcopy(fisher)  # what a checkpoint holds: the rows, not the stacked copy
+    assert saved._stacked is None and torch.allclose(torch.cat(saved.knowledge(params, source)[0]), f @ d)
+
+
+def test_knowledge_pull_adds_lambda_k_times_the_knowledge_gradient_and_reports_the_angle():
+    ga, gk = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])], [torch.tensor([-1.0, 1.0]), torch.tensor([0.0])]
+    out, info = C.knowledge_pull(ga, gk, 10.0)
+    assert torch.equal(out[0], torch.tensor([-9.0, 10.0])) and torch.equal(out[1], torch.tensor([0.0]))
+    assert math.isclose(info["grad_angle"], 135.0) and info["conflict_frac"] == 1.0
+    assert math.isclose(info["know_norm_ratio"], math.sqrt(2))
+    out, info = C.knowledge_pull(ga, [torch.zeros(2), torch.zeros(1)], 10.0)  # at the source: no pull, no angle
+    assert all(torch.equal(a, b) for a, b in zip(out, ga)) and "grad_angle" not in info
+
+
+def _fisher_by_hand(fisher, named_params, source):
+    """F (theta - theta_0) from the estimate's rows, per tensor block, written out."""
+    deltas = [p.detach() - source[n] for n, p in named_params]
+    u, sizes = torch.stack(fisher.rows), [d.numel() for d in deltas]
+    return [(ut.T @ (ut @ d.flatten()) / len(u)).view_as(d) for ut, d in zip(u.split(sizes, dim=1), deltas)]
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_the_default_pulls_the_update_back_along_the_fisher_by_lambda_k(tiny, monkeypatch, modality):  # noqa: F811
+    """With plain SGD the step is exactly ``-lr (g_a + 10 F (theta - theta_0))``, g_a the adaptation gradient
+    alone; after the warm-up the Fisher is frozen and a step costs no source forward and one backward."""
+    m = make(tiny, "rest", modality, steps=1, optimizer="sgd", lr=1e-2, momentum=0.0, weight_decay=0.0,
+             hparams={"queue_batches": 2})
+    xs = tiny[2][modality]
+    for x in xs[:2]:
+        m.step(x)
+    collected = len(m.fisher)
+    assert collected >= 2  # one score per reliable query of the warm-up batches
+    adapt_grads, source_calls, backward_calls = [], [], []
+    real_pull, real_src, real_grads = C.knowledge_pull, type(m).encode_with_source, C.grads_of
+
+    def spy(g_adapt, *args, **kwargs):
+        adapt_grads.append([g.clone() for g in g_adapt])
+        return real_pull(g_adapt, *args, **kwargs)
+
+    monkeypatch.setattr(C, "knowledge_pull", spy)
+    monkeypatch.setattr(type(m), "encode_with_source", lambda self, x: source_calls.append(1) or real_src(self, x))
+    monkeypatch.setattr(C, "grads_of", lambda *a, **k: backward_calls.append(1) or real_grads(*a, **k))
+    source = m._snapshot["params"]
+    lr, pulled = 0.3, 0
+    for g in m.optimizer.param_groups:
+        g["lr"] = lr
+    for x in [xs[2], xs[0], xs[1]] * 2:
+        adapt_grads.clear()
+        backward_calls.clear()
+        g_k = _fisher_by_hand(m.fisher, m.named_params, source)
+        before = adapted(m)
+        _, log = m.step(x)
+        assert "skipped" not in log and len(adapt_grads) == 1 and backward_calls == [1] and source_calls == []
+        assert len(m.fisher) == collected
+        # the logged L_know is the quadratic distance before the step, 0.5 (theta - theta_0)^T F (theta - theta_0)
+        assert math.isclose(log["l_know"], 0.5 * sum(float((gk * (before[n] - source[n])).sum())
+                                                      for gk, (n, _) in zip(g_k, m.named_params)), rel_tol=1e-4)
+        for ga, gk, (n, p) in zip(adapt_grads[0], g_k, m.named_params):
+            expected = before[n] - lr * (ga + 10.0 * gk)
+            assert torch.allclose(p.detach(), expected, rtol=1e-4, atol=1e-7), n
+        pulled += any(float(gk.abs().max()) > 0 for gk in g_k)
+    assert pulled >= 5  # the parameters had left the source: the pull was exercised
+
+
+def test_lambda_k_zero_collects_no_fisher_and_takes_no_extra_backward(tiny, monkeypatch):  # noqa: F811
+    m = make(tiny, "rest", "text", steps=1, hparams={"queue_batches": 1, "lambda_k": 0.0})
+    grads = []
+    real = C.grads_of
+    monkeypatch.setattr(C, "grads_of", lambda *a, **k: grads.append(1) or real(*a, **k))
+    for x in tiny[2]["text"][:2]:
+        _, log = m.step(x)
+    assert grads == [] and len(m.fisher) == 0 and "l_know" not in log
+
+
+def test_fisher_survives_a_checkpoint(tiny):  # noqa: F811
+    m = make(tiny, "rest", "image", steps=1, hparams={"queue_batches": 2})
+    for x in tiny[2]["image"][:2]:
+        m.step(x)
+    state = m.state_dict()  # before m2: both share the tiny model, which make() restores to the source
+    m2 = make(tiny, "rest", "image", steps=1, hparams={"queue_batches": 2})
+    m2.load_state_dict(state)
+    source = list(m._snapshot["params"].values())
+    a, b = m.fisher.knowledge(m.params, source), m2.fisher.knowledge(m2.params, source)
+    assert len(m2.fisher) == len(m.fisher) >= 2 and a[1] == b[1] and a[1] > 0
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
