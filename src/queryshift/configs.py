@@ -49,7 +49,8 @@ def _run_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str) -> dict:
+    """A YAML mapping from a user's file; a pipe, bad text, deep nesting or an alias bomb is a ConfigError."""
     try:
         with open_regular(path, encoding="utf-8", error=ConfigError) as f:
             data = yaml.safe_load(f)
@@ -159,7 +160,7 @@ def _with_includes(values: dict, path: str, seen: tuple = ()) -> dict:
     inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
     if os.path.abspath(inc_path) in seen:
         raise ConfigError(f"{path}: 'config' includes form a cycle through {inc_path}")
-    parent = _with_includes(_read_yaml(inc_path), inc_path, seen + (os.path.abspath(inc_path),))
+    parent = _with_includes(read_yaml(inc_path), inc_path, seen + (os.path.abspath(inc_path),))
     return _merge(parent, values)
 
 
@@ -173,12 +174,12 @@ def _merge(base: dict, over: dict) -> dict:
 
 def load_run_config(path: str) -> dict:
     """Read and validate a run YAML (``config: other.yaml`` may supply defaults) -> RunConfig keyword dict."""
-    return validate_run(_with_includes(_read_yaml(path), path, (os.path.abspath(path),)), path)
+    return validate_run(_with_includes(read_yaml(path), path, (os.path.abspath(path),)), path)
 
 
 def suite_runs(path: str) -> tuple[dict, list[tuple[dict[str, str], dict]], dict[str, float], dict]:
     """-> (base, [(labels per grid axis, run dict)], published, table hints). Every run is validated."""
-    suite = _read_yaml(path)
+    suite = read_yaml(path)
     for key in suite:
         if key not in SUITE_KEYS:
             raise ConfigError(f"{path}: unknown suite key {short_repr(key)}; known keys: "
