@@ -463,3 +463,25 @@ def test_long_hyper_parameter_values_are_cut_in_messages(tmp_path, capsys, value
     assert code == 2
     _one_error_line(err, "tau")
     assert len(err) < 600
+
+
+def test_csv_field_past_the_csv_limit_is_one_line_naming_file_and_line(tmp_path, capsys):
+    path = tmp_path / "big.csv"
+    path.write_text("image,caption\na.jpg,a dog\nb.jpg,\"" + "w" * 200_000 + "\"\n", encoding="utf-8")
+    code, err = _cli(["run", "--model", TINY_MODEL, "--data", str(path)], capsys)
+    assert code == 2
+    _one_error_line(err, "big.csv:3", "CSV")
+    assert len(err) < 600
+
+
+@pytest.mark.parametrize("group", ["NaN", "Infinity"])
+def test_non_finite_group_id_is_refused(tmp_path, group):
+    """NaN never equals itself: each NaN row would be a group of its own, whatever the file meant."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"image": "a.jpg", "caption": "x", "group": ' + group + "}\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl:1: 'group'"):
+        load_pairs(str(path))
+    reid = tmp_path / "reid.json"
+    reid.write_text('[{"split": "test", "captions": ["a man"], "file_path": "a.jpg", "id": ' + group + "}]")
+    with pytest.raises(DataError, match=r"reid\.json: entry 0 .*'id'"):
+        load_dataset(f"cuhk_pedes:{reid}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 from ..userfiles import clip, describe, open_regular, parse_json, short_repr
@@ -78,6 +79,14 @@ def captions(value, where: str, field: str) -> list[str]:
     return value
 
 
+def is_id(value) -> bool:
+    """Whether ``value`` can group relevance: a string or a finite number (NaN never equals itself, so each
+    NaN row would be a group of its own; a list or dict cannot be a key)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
 def load_pairs(path: str, image_root: str | None = None, max_words: int = 30, name: str | None = None):
     """Users' own data: JSONL or CSV rows of (image, caption[, group]).
 
@@ -108,8 +117,8 @@ def load_pairs(path: str, image_root: str | None = None, max_words: int = 30, na
             raise DataError(f"{where}: missing field 'caption'")
         if not isinstance(cap, str):
             raise DataError(f"{where}: 'caption' must be a string, got {describe(cap)}")
-        if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int, float))):
-            raise DataError(f"{where}: 'group' must be a string or a number (an id), got {describe(group)}")
+        if group is not None and not is_id(group):
+            raise DataError(f"{where}: 'group' must be a string or a finite number (an id), got {describe(group)}")
         if img not in image_index:
             image_index[img] = len(images)
             images.append(img)

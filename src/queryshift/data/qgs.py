@@ -17,7 +17,7 @@ import pickle
 from functools import partial
 
 from ..userfiles import clip, describe, open_regular, parse_json
-from .loaders import captions, not_utf8
+from .loaders import captions, is_id, not_utf8
 from .retrieval import DataError, RetrievalDataset, pre_caption
 
 NOCAPS_DOMAINS = {"in": "in-domain", "near": "near-domain", "out": "out-domain", "entire": None}
@@ -36,9 +36,9 @@ def _read_json(path: str):
 
 
 def _key(value, where: str, field: str):
-    """An id that relevance is grouped by: a string or a number (a list or dict cannot be compared as one)."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(f"{where}: '{field}' must be a string or a number (an id), got {describe(value)}")
+    """An id that relevance is grouped by (see :func:`is_id`)."""
+    if not is_id(value):
+        raise DataError(f"{where}: '{field}' must be a string or a finite number (an id), got {describe(value)}")
     return value
 
 

@@ -57,7 +57,8 @@ class RetrievalDataset:
             raise DataError(f"{self.source or self.name}: relevance lists do not match images/texts")
         for t, text in enumerate(self.texts):
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{self.source or self.name}: empty caption for text {t} (image(s) {self.txt2img[t]})")
+                raise DataError(f"{self.source or self.name}: empty caption for text {t} (image(s) "
+                                f"{short_repr(self.txt2img[t])})")
 
     def __repr__(self) -> str:
         return f"RetrievalDataset({self.name!r}, {len(self.images)} images, {len(self.texts)} texts)"
