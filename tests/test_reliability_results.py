@@ -117,3 +117,35 @@ def test_ranks_and_logs_do_not_depend_on_the_thread_count(karpathy, tmp_path):
         torch.set_num_threads(threads)
     assert rows[1] == rows[2]
     assert results[1]["config"]["threads"] == results[2]["config"]["threads"] == 1  # recorded with the run
+
+
+@pytest.mark.parametrize("method", ["tent", "shot"])
+def test_non_finite_scores_stop_the_run_naming_the_batch(karpathy, tmp_path, method):
+    """A tiny temperature overflows the logits a method records: they cannot be ranked (they used to tie)."""
+    from queryshift.engine import run
+    from tests.helpers import tiny_run_config
+
+    cfg = tiny_run_config(karpathy, tmp_path, method=method, batch_size=4, steps=1, hparams={"tau": 1e-45})
+    with pytest.raises(FloatingPointError, match=rf"{method}: .*scores of batch 0 .*not finite.*tau"):
+        run(cfg)
+
+
+def test_ranking_refuses_scores_it_cannot_order():
+    from queryshift.engine.ranking import rank_gallery, rank_scores
+
+    scores = torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.9, 0.0]])
+    assert rank_scores(scores, [[1], [1]])[0] == [1, 0]
+    for bad in (float("nan"), float("inf")):
+        broken = scores.clone()
+        broken[1, 2] = bad
+        with pytest.raises(FloatingPointError, match="query row 1"):
+            rank_scores(broken, [[1], [1]])
+    excluded = scores.clone()
+    excluded[0, 2] = float("-inf")  # an excluded item (CIRR's reference image) is ranked last, as before
+    assert rank_scores(excluded, [[1], [1]])[0] == [1, 0]
+    excluded[1, 1] = float("-inf")  # ... but a relevant item at -inf has no place
+    with pytest.raises(FloatingPointError, match="query row 1"):
+        rank_scores(excluded, [[1], [1]])
+    queries = torch.tensor([[1.0, 0.0], [float("nan"), 0.0]])
+    with pytest.raises(FloatingPointError, match="query row 1"):
+        rank_gallery(queries, torch.eye(2), [[0], [1]])

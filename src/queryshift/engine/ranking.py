@@ -81,6 +81,22 @@ def _positions_to_metrics(positions: torch.Tensor, mask: torch.Tensor) -> tuple[
     return [int(v) for v in out[:, 0].tolist()], out[:, 1].tolist()
 
 
+def _refuse_rows(bad: torch.Tensor, what: str) -> None:
+    """FloatingPointError naming the rows flagged in ``bad`` (B booleans), if any (one read of the device)."""
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1).tolist()
+        listed = ", ".join(map(str, rows[:8])) + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
+        raise FloatingPointError(f"query row{'s' if len(rows) > 1 else ''} {listed}: {what}; they cannot be ranked")
+
+
+def check_rankable(scores: torch.Tensor, rel_scores: torch.Tensor) -> None:
+    """Refuse scores without a place in a descending order instead of ranking them as ties: NaN (every
+    comparison is false, so a NaN relevant item would come first) or +inf anywhere in a row, or -inf at a
+    relevant item. -inf elsewhere is a column excluded on purpose (CIRR's reference image) and ranks last."""
+    bad = torch.isnan(scores).any(dim=1) | torch.isposinf(scores).any(dim=1) | torch.isneginf(rel_scores).any(dim=1)
+    _refuse_rows(bad, "scores are NaN or +inf, or a relevant item scores -inf")
+
+
 def rank_scores(scores: torch.Tensor, relevant: Sequence[Sequence[int]],
                 chunk: int | None = None) -> tuple[list[int], list[float]]:
     """Best (smallest) 0-based rank and AP of every row of a B x N score matrix, on its device.
@@ -93,6 +109,7 @@ def rank_scores(scores: torch.Tensor, relevant: Sequence[Sequence[int]],
     n = scores.shape[1]
     rel_idx, mask = pad_relevant(relevant, scores.device, n)
     rel_scores = scores.gather(1, rel_idx)
+    check_rankable(scores, rel_scores)
     b, m = rel_idx.shape
     step = chunk_size(b, m, chunk)
     positions = torch.zeros(b, m, dtype=torch.int32, device=scores.device)
@@ -172,6 +189,7 @@ def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, relevant: Sequenc
     band are scored again in fp32 (:func:`pair_scores`). The ranks are those of the fp32 scores: the bf16
     pass only decides which columns need them.
     """
+    _refuse_rows(~torch.isfinite(queries).all(dim=1), "the query embeddings are not finite")
     if screen is None:
         screen = queries.dtype == torch.float32 and bf16_screen_available(queries.device)
     if screen:

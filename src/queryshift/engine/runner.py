@@ -156,6 +156,7 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
         for b, (_, _, batch) in enumerate(loader(items, local_batches[done:], cfg.num_workers), start=done):
             t0 = time.time()
             scores, info = retriever.adapt(retriever.model_input(batch))  # scores of the global batch
+            refuse_nonfinite(scores, b, retriever.method)
             recall = index_recall(retriever, batch)  # every rank: its forward joins the global batch
             if not main_rank:
                 continue
@@ -201,6 +202,18 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     if rundir:
         rundir.write_result(result, format_table([result]))
     return result
+
+
+def refuse_nonfinite(scores: torch.Tensor, batch: int, method: methods.Method) -> None:
+    """Stop at recorded scores that are NaN or infinite: ranked, they would tie (or a NaN would come first) and
+    the run's metrics would be wrong without a word. ``on_nonfinite`` skips a non-finite *update*; there is
+    no score to skip, so this always raises (every rank holds the global batch's scores and raises alike)."""
+    finite = torch.isfinite(scores).all(dim=1)
+    if not bool(finite.all()):  # one read of the device per batch
+        tau = method.hp.get("tau")
+        hint = f" (is tau {tau!r} too small? scores / tau overflow float32)" if tau is not None else ""
+        raise FloatingPointError(f"{method.name}: the scores of batch {batch} are not finite (NaN or inf) for "
+                                 f"{int((~finite).sum())} of its {len(finite)} queries{hint}; they cannot be ranked")
 
 
 def check_device(device: str) -> None:
