@@ -485,3 +485,18 @@ def test_non_finite_group_id_is_refused(tmp_path, group):
     reid.write_text('[{"split": "test", "captions": ["a man"], "file_path": "a.jpg", "id": ' + group + "}]")
     with pytest.raises(DataError, match=r"reid\.json: entry 0 .*'id'"):
         load_dataset(f"cuhk_pedes:{reid}")
+
+
+@pytest.mark.parametrize("bad", ["missing", "bomb"])
+def test_bad_image_read_in_a_loader_worker_is_one_line_without_the_workers_traceback(bomb, tmp_path, capsys, bad):
+    """Worker processes hand an exception back with their traceback folded into its message."""
+    data, root, image = bomb
+    if bad == "missing":
+        os.remove(image)
+    else:
+        Image.new("RGB", (100, 100)).save(image)
+    code, err = _cli(["run", "--model", TINY_MODEL, "--data", data, "--image-root", root, "--num-workers", "1",
+                      "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"], capsys)
+    assert code == 2
+    _one_error_line(err, "6.jpg")
+    assert "Traceback" not in err and "worker" not in err and len(err) < 600

@@ -78,17 +78,54 @@ def auto_workers(items: torch.utils.data.Dataset, n_batches: int) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+class _ItemFailed:
+    """A DataError met in a loader worker, carried to the main process as data: torch re-raises a worker's
+    exception with the worker's whole traceback folded into its message, which is no one-line error."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _CarryErrors(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int):
+        try:
+            return self.items[position]
+        except DataError as err:
+            return _ItemFailed(str(err))
+
+
+def _collate_or_failure(batch):
+    failed = [item for item in batch if isinstance(item, _ItemFailed)]
+    return failed[0] if failed else collate(batch)
+
+
+def _raise_failures(batches):
+    for batch in batches:
+        if isinstance(batch, _ItemFailed):
+            raise DataError(batch.message)
+        yield batch
+
+
 def loader(items: torch.utils.data.Dataset, batches: list[list[int]], num_workers: int | None):
     """Batches of collated items; ``num_workers`` None chooses (:func:`auto_workers`)."""
     if num_workers is None:
         num_workers = auto_workers(items, len(batches))
-    extra = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
-    if num_workers > 0 and "fork" in torch.multiprocessing.get_all_start_methods():
+    if num_workers == 0:
+        return torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate, num_workers=0)
+    extra = {"prefetch_factor": 4, "persistent_workers": False}
+    if "fork" in torch.multiprocessing.get_all_start_methods():
         # fork, not the process's default: inside bench's spawned job processes the default is spawn, which
         # must pickle the items (model, shift, dataset) and fails for some of them
         extra["multiprocessing_context"] = "fork"
-    return torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate,
-                                       num_workers=num_workers, **extra)
+    return _raise_failures(torch.utils.data.DataLoader(_CarryErrors(items), batch_sampler=batches,
+                                                       collate_fn=_collate_or_failure, num_workers=num_workers,
+                                                       **extra))
 
 
 def stream_batches(n: int, batch_size: int) -> list[list[int]]:
