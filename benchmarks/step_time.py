@@ -1,8 +1,7 @@
 """Step time of each method relative to ``source`` and to one forward+backward of the query tower.
 
-Methods: source, tent, tcr, rest (its defaults: K5 with per-tensor Fisher blocks) and rest with the other
-knowledge objectives of its design space (``know=kl``: K1; ``know=reliable``, ``know=anchors``, K5 with
-``fisher=diag|full``, K1 on a subset: ``know=kl,know_queries=8`` / ``16``).
+Methods: source, tent, tcr and rest at their defaults (``--methods``; ``NAME:KEY=VALUE,...`` sets
+hyper-parameters, and with ``QUERYSHIFT_PLUGINS=lab`` the lab's ``rest-design`` candidates can be timed too).
 
 For each backbone, one batch of real shifted queries (``--shift``) is adapted on again and again with
 ``steps=1``; every round times one step of each method in turn (source, the floor, tent, tcr, rest), so
@@ -15,6 +14,10 @@ Backbones: ``shapes-clip`` (the bundled checkpoint) at ``--batch-size`` (64), an
 (``openclip:ViT-B-16/random``) at ``--big-batch-size`` (4) with ``--big-methods`` (source, tent, tcr, rest)
 after ``--big-warmup`` (12) steps, unless ``--no-big``. Ends with one JSON line
 holding ``rest_over_tcr`` and ``tcr_over_fwdbwd`` (shapes-clip), and every measured median.
+
+Whole streams: a fresh method adapts on ``--stream-batches`` (16: 1,000 queries at batch 64) batches with the
+protocol's 3 steps each, warm-up included (the queue's first 10 batches, where REST also estimates its Fisher),
+tcr and rest in turn for ``--stream-rounds`` rounds; ``rest_over_tcr_stream`` is the ratio of the medians.
 
     python benchmarks/step_time.py [--rounds 30] [--threads 2]
 """
@@ -35,17 +38,12 @@ from queryshift.engine.stream import QueryItems, collate, to_model_input
 
 QUEUE_BATCHES = 10  # the queue's warm-up (TCR and REST defaults): steps=1, so the first 10 steps
 
-# "rest" is its default (K5 with per-tensor Fisher blocks, as an EWC pull since round 3); the others are the
-# design candidates of issue 11 ("rest:decouple=global,lambda_k=0" is round 2's default)
-METHODS = ("source", "tent", "tcr", "rest", "rest:know=kl", "rest:know=reliable", "rest:know=anchors",
-           "rest:know=fisher,fisher=diag", "rest:know=fisher,fisher=full", "rest:know=kl,know_queries=8",
-           "rest:know=kl,know_queries=16", "rest:decouple=off,lambda_k=3",
-           "rest:decouple=global,lambda_k=3", "rest:decouple=global,lambda_k=0,keep=0.5",
-           "rest:decouple=global,lambda_k=0")
+METHODS = ("source", "tent", "tcr", "rest")
 
 
-def query_batch(model, dataset, modality: str, batch_size: int, shift: str):
-    items = QueryItems(dataset, modality, list(range(batch_size)), shifts.build(shift, modality, 0), 0, model, 30)
+def query_batch(model, dataset, modality: str, batch_size: int, shift: str, start: int = 0):
+    order = list(range(start, start + batch_size))
+    items = QueryItems(dataset, modality, order, shifts.build(shift, modality, 0), 0, model, 30)
     return to_model_input(model, modality, collate([items[i] for i in range(batch_size)])[2], "cpu")
 
 
@@ -68,6 +66,33 @@ def fwd_bwd(model, params, modality: str, batch):
         p.grad = None
 
 
+def build(name: str, spec: str, gallery, modality: str, steps: int):
+    """A fresh method on a freshly loaded (same seeded) source model; ``name`` may carry ``:KEY=VALUE,...``."""
+    model = load_source(spec, 0)
+    method_name, _, options = name.partition(":")
+    hparams = dict(o.split("=") for o in options.split(",")) if options else {}
+    return methods.get(method_name)(model, gallery, modality, methods.AdaptConfig(steps=steps, hparams=hparams))
+
+
+def measure_streams(spec: str, batch_size: int, n_batches: int, rounds: int, direction: str, shift: str) -> dict:
+    """Median seconds of a whole fresh stream (warm-up included, 3 steps a batch) for tcr and rest."""
+    dataset = load_dataset("shapes")
+    modality = "image" if direction == "i2t" else "text"
+    model = load_source(spec, 0)
+    gallery = encode_all(model, dataset, "text" if modality == "image" else "image", batch_size=256)
+    batches = [query_batch(model, dataset, modality, batch_size, shift, start=b * batch_size)
+               for b in range(n_batches)]
+    times: dict[str, list[float]] = {"tcr": [], "rest": []}
+    for _ in range(rounds):
+        for name in times:
+            method = build(name, spec, gallery, modality, steps=3)
+            t0 = time.perf_counter()
+            for batch in batches:
+                method.step(batch)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def measure(spec: str, batch_size: int, rounds: int, warmup: int, direction: str, shift: str,
             names: tuple[str, ...] = METHODS) -> dict:
     dataset = load_dataset("shapes")
@@ -75,13 +100,10 @@ def measure(spec: str, batch_size: int, rounds: int, warmup: int, direction: str
     runners = {}
     gallery = None
     for name in names:
-        model = load_source(spec, 0)  # the same seeded weights for every method
         if gallery is None:  # encoded once per backbone
-            gallery = encode_all(model, dataset, "text" if modality == "image" else "image", batch_size=256)
-        method_name, _, options = name.partition(":")  # "rest:know=fisher,fisher=full": rest with those options
-        hparams = dict(o.split("=") for o in options.split(",")) if options else {}
-        method = methods.get(method_name)(model, gallery, modality, methods.AdaptConfig(steps=1, hparams=hparams))
-        runners[name] = method.step
+            gallery = encode_all(load_source(spec, 0), dataset, "text" if modality == "image" else "image",
+                                 batch_size=256)
+        runners[name] = build(name, spec, gallery, modality, steps=1).step
     floor, params = floor_model(spec, modality)
     batch = query_batch(floor, dataset, modality, batch_size, shift)
     runners["fwd+bwd"] = lambda x: fwd_bwd(floor, params, modality, x)
@@ -114,20 +136,26 @@ def main() -> None:
     p.add_argument("--big-rounds", type=int, default=5)
     p.add_argument("--big-warmup", type=int, default=12,
                    help="ViT-B/16 steps before timing; fewer than 10 times REST inside the queue's warm-up")
-    p.add_argument("--big-methods", default="source,tent,tcr,rest",
-                   help="methods timed on ViT-B/16 (comma-separated; the design candidates run on shapes-clip)")
+    p.add_argument("--methods", default=",".join(METHODS), help="methods timed on shapes-clip (comma-separated; "
+                   "source and tcr are needed for the ratios)")
+    p.add_argument("--big-methods", default="source,tent,tcr,rest", help="methods timed on ViT-B/16")
+    p.add_argument("--stream-batches", type=int, default=16, help="batches of a whole stream (0: skip)")
+    p.add_argument("--stream-rounds", type=int, default=3)
     p.add_argument("--no-big", dest="big", action="store_false", help="skip the ViT-B/16 backbone")
     p.add_argument("--direction", choices=["i2t", "t2i"], default="i2t")
     p.add_argument("--shift", default="gaussian_noise:3", help="query shift of the batch (image queries)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     shift = args.shift if args.direction == "i2t" else "RandomCharAug_swap:3"
-    backbones = [("shapes-clip", args.batch_size, args.rounds, args.warmup, METHODS)]
+    methods.load_plugins()
+    names = tuple(args.methods.split(","))
+    big_methods = tuple(args.big_methods.split(","))
+    for option, chosen in (("--methods", names), ("--big-methods", big_methods)):
+        unknown = [m for m in chosen if m.partition(":")[0] not in methods.available()]
+        if unknown or not {"source", "tcr"} <= set(chosen):  # the ratios are taken against these
+            p.error(f"{option}: unknown {unknown} or source/tcr missing; choose from {', '.join(methods.available())}")
+    backbones = [("shapes-clip", args.batch_size, args.rounds, args.warmup, names)]
     if args.big:
-        big_methods = tuple(args.big_methods.split(","))
-        unknown = [m for m in big_methods if m not in METHODS]
-        if unknown or not {"source", "tcr"} <= set(big_methods):  # the ratios are taken against these
-            p.error(f"--big-methods: unknown {unknown} or source/tcr missing; choose from {', '.join(METHODS)}")
         backbones.append(("openclip:ViT-B-16/random", args.big_batch_size, args.big_rounds, args.big_warmup,
                           big_methods))
     result: dict = {"threads": args.threads, "direction": args.direction, "shift": shift}
@@ -143,12 +171,18 @@ def main() -> None:
         result[spec] = {"batch": batch_size, "rounds": rounds,
                         **{f"{k}_ms": round(1000 * v, 2) for k, v in med.items()}}
         if spec == "shapes-clip":
-            result["rest_over_tcr"] = round(med["rest"] / med["tcr"], 3)
-            for name in METHODS:
-                if name.startswith("rest:"):  # REST's other knowledge objectives, e.g. rest_know_reliable_over_tcr
-                    key = name.replace(":", "_").replace("=", "_").replace(",", "_")
+            for name in names:
+                if name not in ("source", "tcr"):  # rest_over_tcr; a variant's key spells its options
+                    key = name.replace(":", "_").replace("=", "_").replace(",", "_").replace("-", "_")
                     result[f"{key}_over_tcr"] = round(med[name] / med["tcr"], 3)
             result["tcr_over_fwdbwd"] = round(med["tcr"] / med["fwd+bwd"], 3)
+    if args.stream_batches:
+        whole = measure_streams("shapes-clip", args.batch_size, args.stream_batches, args.stream_rounds,
+                                args.direction, shift)
+        print(f"\nwhole fresh stream of {args.stream_batches} batches x 3 steps (warm-up included), shapes-clip: "
+              f"tcr {whole['tcr']:.2f} s, rest {whole['rest']:.2f} s, rest / tcr {whole['rest'] / whole['tcr']:.2f}")
+        result["stream_s"] = {k: round(v, 3) for k, v in whole.items()}
+        result["rest_over_tcr_stream"] = round(whole["rest"] / whole["tcr"], 3)
     print(json.dumps(result))
 
 
