@@ -220,8 +220,9 @@ def test_corrupt_never_overwrites_its_input(tmp_path):
     root = tmp_path / "out" / "test_IP_gaussian_noise_1"  # the images live where the outputs would go
     data = make_karpathy(root, n_images=2, captions=1)
     before = (root / "img" / "0.jpg").read_bytes()
-    _corrupt(["--data", data, "--image-root", str(root), "--shift", "gaussian_noise:1",
-              "--out", str(tmp_path / "out"), "--overwrite", "--no-progress"])
+    with pytest.raises(ValueError, match="is the input image itself"):
+        _corrupt(["--data", data, "--image-root", str(root), "--shift", "gaussian_noise:1",
+                  "--out", str(tmp_path / "out"), "--overwrite", "--no-progress"])
     assert (root / "img" / "0.jpg").read_bytes() == before
 
 
@@ -534,8 +535,8 @@ def test_second_bench_on_one_out_fails_at_once(karpathy, tmp_path, capsys):
 def test_full_disk_during_a_torch_save_is_enospc_and_leaves_no_temp_file(tmp_path, monkeypatch):
     from queryshift import atomic
 
-    def zip_writer_fails(obj, path, *a, **kw):  # what torch raises when the disk fills mid-write
-        open(path, "wb").write(b"PK")
+    def zip_writer_fails(obj, f, *a, **kw):  # what torch raises when the disk fills mid-write
+        f.write(b"PK")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(atomic.torch, "save", zip_writer_fails)

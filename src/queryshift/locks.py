@@ -33,7 +33,12 @@ class ExclusiveLock:
         self._fd: int | None = None
 
     def acquire(self) -> ExclusiveLock:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link planted at the lock's name: the pid write would truncate its target
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "is a symbolic link, not a lock file; remove it", self.lock_path) from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except OSError as err:

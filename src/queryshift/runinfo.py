@@ -25,11 +25,14 @@ def versions() -> dict[str, str]:
 def git_commit() -> str | None:
     """HEAD of the checkout the package runs from, with '+dirty' for uncommitted changes; None if not git."""
     here = os.path.dirname(os.path.abspath(__file__))
+    # a plain `git status` refreshes the index and takes .git/index.lock for it: a run must not write into the
+    # checkout it was started from, nor make a concurrent `git commit` there fail on the lock
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                              timeout=10, check=True, env=env).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10, env=env).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")

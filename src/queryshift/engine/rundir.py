@@ -6,6 +6,14 @@ A directory has one writer at a time (an exclusive lock, see :mod:`queryshift.lo
 never lost by accident: a finished or started run is only replaced with ``--overwrite``, ``--resume``
 continues only a run of the same settings, and the old files are removed only once the new run has been
 checked and is about to write its first batch.
+
+Only a run folder is used: a new or empty directory, or one a run wrote (its marker ``.queryshift-run``, or
+the log, checkpoint or result of a run of an older version). Any other non-empty directory (``--out /``,
+a home or a dataset folder) is refused before anything is created in it, so ``--overwrite`` only ever
+removes files a run wrote. The checkpoint holds tensors and plain values only and is read with
+``weights_only`` (:mod:`queryshift.plainstate`): a ``state.pt`` planted in the folder is refused, never
+run. It also records a fingerprint of the data (:meth:`RetrievalDataset.fingerprint`), and ``--resume``
+refuses a data file that changed since the run started.
 """
 
 from __future__ import annotations
@@ -15,10 +23,9 @@ import os
 import sys
 from typing import Any
 
-import torch
-
-from ..atomic import save_torch, write_text
-from ..locks import ExclusiveLock
+from .. import plainstate
+from ..atomic import open_append, write_text
+from ..locks import LOCK_NAME, ExclusiveLock
 from .config import RunConfig, settings_changed
 from .report import json_line, write_json
 
@@ -27,8 +34,50 @@ class RunDirError(ValueError):
     """An output directory that cannot be used as asked; the message says why and what to do."""
 
 
+MARKER = ".queryshift-run"
+RUN_FILES = ("log.jsonl", "state.pt", "result.json", "table.md")
+
+
 def atomic_save(obj, path: str) -> None:
-    save_torch(obj, path)
+    plainstate.save(obj, path)
+
+
+def _looks_like_a_run(out: str, entries: set[str]) -> bool:
+    """Whether a folder without the marker holds a run of an older version (its log, result or checkpoint)."""
+    if "state.pt" in entries:
+        return True
+    try:
+        if "log.jsonl" in entries:
+            with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
+                first = f.readline()
+            if not first.strip() or isinstance(json.loads(first).get("batch"), int):
+                return True
+        if "result.json" in entries:
+            with open(os.path.join(out, "result.json"), encoding="utf-8") as f:
+                return isinstance(json.load(f).get("config"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
+
+
+def check_run_folder(out: str) -> None:
+    """Refuse an existing non-empty directory that is not a run folder (see the module's doc)."""
+    if not os.path.isdir(out) or os.path.islink(os.path.join(out, MARKER)):
+        return
+    entries = set(os.listdir(out)) - {LOCK_NAME}
+    if entries and MARKER not in entries and not _looks_like_a_run(out, entries):
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise RunDirError(f"--out {out} is not empty and holds no queryshift run ({len(entries)} entries: "
+                          f"{shown}); choose a new or empty folder")
+
+
+def data_changed(saved: dict, fingerprint: str | None, cfg: RunConfig) -> str | None:
+    """Why a checkpoint's data differs from the data now (None: the same, or no fingerprint to compare)."""
+    before = saved.get("data_fingerprint")
+    if fingerprint is None or before is None or before == fingerprint:
+        return None
+    return (f"the data of --data {cfg.data} changed since the run started (fingerprint {before} -> "
+            f"{fingerprint}): resuming would mix rows of both versions")
 
 
 def notice(message: str) -> None:
@@ -73,23 +122,29 @@ class RunDir:
             raise RunDirError("--resume continues the run in --out and --overwrite discards it: pass only one")
         if os.path.exists(out) and not os.path.isdir(out):
             raise RunDirError(f"--out {out} is a file, not a directory")
+        check_run_folder(out)  # before anything is created in it
         self.out, self.resume, self.overwrite = out, resume, overwrite
         os.makedirs(out, exist_ok=True)
         self._lock = ExclusiveLock(out, what=f"output directory {out}").acquire()
         self._log = None
         self._state: dict[str, Any] | None = None
+        self._data_fingerprint: str | None = None
         self._start_over = overwrite
         self.log_path = os.path.join(out, "log.jsonl")
         self.state_path = os.path.join(out, "state.pt")
         self.result_path = os.path.join(out, "result.json")
         try:
+            check_run_folder(out)  # again under the lock: another process may have filled it meanwhile
+            if not os.path.lexists(os.path.join(out, MARKER)):
+                write_text(os.path.join(out, MARKER), "a queryshift run folder: --overwrite replaces its "
+                                                      "log.jsonl, state.pt, result.json and table.md\n")
             self._check(cfg)
         except BaseException:
             self.close()
             raise
 
     def _check(self, cfg: RunConfig | None) -> None:
-        has_log, has_state, has_result = (os.path.exists(p) for p in (self.log_path, self.state_path,
+        has_log, has_state, has_result = (os.path.lexists(p) for p in (self.log_path, self.state_path,
                                                                        self.result_path))
         if not (self.resume or self.overwrite):
             if has_log or has_result or has_state:
@@ -119,11 +174,9 @@ class RunDir:
 
     def _load_state(self, device: str) -> dict[str, Any]:
         try:
-            state = torch.load(self.state_path, map_location=device, weights_only=False)
-        except Exception as err:  # truncated, not a checkpoint, or written by an incompatible version
-            raise RunDirError(f"{self.state_path}: corrupt or unreadable checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); pass --overwrite to start "
-                              f"the run again") from err
+            state = plainstate.load(self.state_path, map_location=device)
+        except plainstate.UnsafeStateError as err:  # planted, truncated, or written by an older version
+            raise RunDirError(f"{err}; pass --overwrite to start the run again") from None
         if not isinstance(state, dict) or not {"config", "method", "batches_done"} <= set(state):
             raise RunDirError(f"{self.state_path}: not a queryshift checkpoint; pass --overwrite to start again")
         return state
@@ -138,14 +191,21 @@ class RunDir:
             raise RunDirError(f"{self.result_path}: not a queryshift result; move it away or pass --overwrite")
         return saved
 
-    def restore(self, cfg: RunConfig, weights: str) -> tuple[dict[str, Any] | None, list[dict]]:
+    def restore(self, cfg: RunConfig, weights: str, data_fingerprint: str | None = None
+                ) -> tuple[dict[str, Any] | None, list[dict]]:
         """With --resume and a checkpoint: (method state, logged rows so far); otherwise (None, []) after
-        removing what --overwrite (or a --resume without checkpoint) replaces."""
-        if self.resume and self._state is None and os.path.exists(self.state_path):
-            self._state = self._load_state(cfg.device)  # a RunDir made without cfg
+        removing what --overwrite (or a --resume without checkpoint) replaces. ``data_fingerprint`` (of the
+        dataset the run streams) is checked against the checkpoint's and written with every checkpoint."""
+        self._data_fingerprint = data_fingerprint
+        if self.resume and self._state is None and os.path.lexists(self.state_path):
+            self._state = self._load_state(cfg.device if cfg else "cpu")  # a RunDir made without cfg
         if self._state is not None:
             state = self._state
             check_resumable(state["config"], cfg, self.out)
+            changed = data_changed(state, data_fingerprint, cfg)
+            if changed:
+                raise RunDirError(f"cannot resume {self.out}: {changed}; restore the data, choose another --out, "
+                                  f"or --overwrite to start the run again")
             if state.get("model_weights", weights) != weights:
                 raise RunDirError(f"cannot resume {self.out}: the weights of {cfg.model} changed since the run "
                                   f"started")
@@ -157,16 +217,18 @@ class RunDir:
             write_text(self.log_path, "".join(json_line(r) + "\n" for r in rows))  # drop lines past it
             return state["method"], rows
         if self._start_over:
-            for name in ("log.jsonl", "state.pt", "result.json", "table.md"):
+            for name in RUN_FILES:  # a run folder's own files (check_run_folder), links themselves, not targets
                 path = os.path.join(self.out, name)
-                if os.path.exists(path):
+                if os.path.lexists(path):
                     os.remove(path)
         return None, []
 
     def append(self, row: dict[str, Any], checkpoint: dict[str, Any]) -> None:
         """Log one batch durably, then checkpoint the state after it."""
         if self._log is None:
-            self._log = open(self.log_path, "a", encoding="utf-8")
+            self._log = open_append(self.log_path)
+        if self._data_fingerprint is not None:
+            checkpoint = {**checkpoint, "data_fingerprint": self._data_fingerprint}
         self._log.write(json_line(row) + "\n")
         self._log.flush()
         os.fsync(self._log.fileno())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import write_text
 from ..locks import ExclusiveLock
 
 IDENTITY = ("model", "model_digest", "preprocess", "dataset_digest", "modality", "max_words")
@@ -44,10 +45,7 @@ class EmbeddingStore:
             return None
 
     def _write_manifest(self, manifest: dict) -> None:
-        tmp = f"{self.manifest_path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-        os.replace(tmp, self.manifest_path)
+        write_text(self.manifest_path, json.dumps(manifest, indent=2))
 
     def _matches(self, saved: dict | None, manifest: dict) -> bool:
         return saved is not None and all(saved.get(k) == manifest.get(k) for k in IDENTITY)
@@ -61,7 +59,7 @@ class EmbeddingStore:
         saved = self.manifest()
         if not saved or not saved.get("complete"):
             raise FileNotFoundError(f"{self.path}: the embedding store is incomplete (manifest {self.manifest_path})")
-        array = np.load(self.array_path, mmap_mode="r")
+        array = np.load(self.array_path, mmap_mode="r", allow_pickle=False)
         if list(array.shape) != [saved["rows"], saved["dim"]]:
             raise ValueError(f"{self.array_path}: shape {array.shape} does not match its manifest "
                              f"({saved['rows']} x {saved['dim']})")
@@ -72,9 +70,11 @@ class EmbeddingStore:
         """Encode rows ``0..rows-1`` with ``encode(indices) -> (len x d)`` into the store, resuming a partial one."""
         os.makedirs(self.path, exist_ok=True)
         saved = self.manifest()
+        if os.path.islink(self.array_path):  # never fill a file elsewhere through a link planted in the store
+            os.remove(self.array_path)
         if self._matches(saved, manifest) and saved.get("rows") == rows and os.path.exists(self.array_path):
             done = int(saved.get("rows_done", 0))
-            array = np.load(self.array_path, mmap_mode="r+")
+            array = np.load(self.array_path, mmap_mode="r+", allow_pickle=False)
         else:
             first = encode(list(range(min(chunk, rows))))  # the first chunk tells the dimension
             array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16,
