@@ -217,10 +217,10 @@ def main(argv=None) -> int:
         server.proc.wait(60)
         server.log.close()
         fault["stats_before_kill"] = {k: stats[k] for k in ("queries", "updates", "snapshots")} if stats else None
-        import torch  # the snapshot on disk at the moment of the kill
+        from queryshift import plainstate  # the snapshot on disk at the moment of the kill (tensors only)
 
         snap = os.path.join(state_dir, "snapshot.pt")
-        fault["snapshot_updates"] = torch.load(snap, weights_only=False)["updates"] if os.path.exists(snap) else 0
+        fault["snapshot_updates"] = plainstate.load(snap)["updates"] if os.path.exists(snap) else 0
         restarted = Server(args, server.port, state_dir, True, log_path)
         fault["restart_seconds"] = round(restarted.startup, 1)
         restored = restarted.get("/stats")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hmac
 import io
 import logging
+import math
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -83,6 +85,25 @@ class BodyLimit:
         await response({"type": "http"}, None, send)
 
 
+def echoable(value, depth: int = 0):
+    """A request value as strict, bounded JSON for an error message: a non-finite number as its name
+    (``nan``, ``inf``; the default handler fails to serialise it and answers 500), long strings and deep or
+    long containers cut short, anything else as text."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= 200 else value[:200] + "..."
+    if depth >= 6:
+        return "..."
+    if isinstance(value, dict):
+        return {str(k)[:100]: echoable(v, depth + 1) for k, v in list(value.items())[:20]}
+    if isinstance(value, (list, tuple)):
+        return [echoable(v, depth + 1) for v in list(value)[:20]]
+    return str(value)[:200]
+
+
 def create_app(service: OnlineService) -> FastAPI:
     cfg = service.cfg
 
@@ -99,6 +120,10 @@ def create_app(service: OnlineService) -> FastAPI:
     @app.exception_handler(InputError)
     async def input_error(request: Request, err: InputError):
         return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        return JSONResponse({"detail": echoable(list(err.errors()))}, status_code=422)
 
     def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
         if cfg.token is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -28,6 +29,7 @@ import torch
 from ..data import load_dataset
 from ..engine import Retriever, encode_gallery, load_source, weights_digest
 from ..engine.stream import collate
+from ..locks import ExclusiveLock
 from . import snapshots
 from .answering import AnsweringModel
 from .config import ServeConfig
@@ -64,6 +66,27 @@ class OnlineService:
     def __init__(self, cfg: ServeConfig, start_worker: bool = True):
         self.cfg = cfg
         self.started = time.time()
+        self.worker = None
+        self._state_lock = self._lock_state_dir(cfg.state_dir) if cfg.state_dir else None
+        try:
+            self._build(cfg, start_worker)
+        except BaseException:
+            self._release_state_dir()
+            raise
+
+    @staticmethod
+    def _lock_state_dir(state_dir: str) -> ExclusiveLock:
+        """One server per ``--state-dir``: a second one would overwrite the first's acknowledged snapshots."""
+        if os.path.lexists(state_dir) and not os.path.isdir(state_dir):
+            raise ValueError(f"--state-dir {state_dir} is not a directory (a file is there); choose a folder")
+        os.makedirs(state_dir, exist_ok=True)
+        return ExclusiveLock(state_dir, what=f"--state-dir {state_dir}").acquire()
+
+    def _release_state_dir(self) -> None:
+        if self._state_lock is not None:
+            self._state_lock.release()
+
+    def _build(self, cfg: ServeConfig, start_worker: bool) -> None:
         self.dataset = load_dataset(cfg.data, cfg.image_root, cfg.max_words)
         model = load_source(cfg.model, cfg.seed, cfg.device)
         self.model = model
@@ -96,6 +119,9 @@ class OnlineService:
         self.last_snapshot: dict[str, Any] | None = None
         self.snapshot_updates = 0  # ``updates`` when the last snapshot was written (or restored)
         self.restored_from: dict[str, Any] | None = None
+        # the adapted state of lanes a snapshot holds but this server does not serve (fewer --modalities):
+        # written back into every snapshot, so a restart with all modalities finds it again
+        self.kept_lanes: dict[str, Any] = {}
         self.last_error: str | None = None
         self._round_robin = 0
         if cfg.state_dir:
@@ -243,6 +269,7 @@ class OnlineService:
             for lane in self.lanes.values():
                 lane.retriever.reset()
                 self.answering.publish_source(lane.modality)
+            self.kept_lanes = {}  # a reset is of every lane, the ones not served now too
             with self.stats_lock:
                 self.manual_resets += 1
             if self.cfg.state_dir:  # a restart must not bring back what was just reset
@@ -255,13 +282,22 @@ class OnlineService:
         with self.adapt_lock:
             return self._save()
 
+    def identity(self) -> dict[str, Any]:
+        """What a snapshot must have been made for to be restored here: the gallery's content and the settings
+        the adapted state depends on (the source weights and the method are checked on their own)."""
+        cfg = self.cfg
+        return {"gallery": self.dataset.fingerprint(), "data": cfg.data, "model": cfg.model, "steps": cfg.steps,
+                "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                "hparams": dict(cfg.hparams), "max_words": cfg.max_words}
+
     def _state(self) -> dict[str, Any]:
+        served = {m: {"method": lane.retriever.state_dict(), "queries": lane.queries, "updates": lane.updates,
+                      "skipped_updates": lane.skipped_updates, "resets": lane.resets}
+                  for m, lane in self.lanes.items()}
         return {
             "weights": self.weights, "model": self.cfg.model, "method": self.cfg.method, "data": self.cfg.data,
-            "config": self.cfg.public(), "updates": self.updates, "manual_resets": self.manual_resets,
-            "lanes": {m: {"method": lane.retriever.state_dict(), "queries": lane.queries, "updates": lane.updates,
-                          "skipped_updates": lane.skipped_updates, "resets": lane.resets}
-                      for m, lane in self.lanes.items()},
+            "identity": self.identity(), "config": self.cfg.public(), "updates": self.updates,
+            "manual_resets": self.manual_resets, "lanes": {**self.kept_lanes, **served},
         }
 
     def _save(self) -> dict[str, Any]:
@@ -274,12 +310,14 @@ class OnlineService:
         return dict(self.last_snapshot)
 
     def _restore(self) -> None:
-        state = snapshots.load(self.cfg.state_dir, self.weights, self.cfg.method)
+        state = snapshots.load(self.cfg.state_dir, self.weights, self.cfg.method, self.identity())
         if state is None:
             return
         for m, saved in state["lanes"].items():
             lane = self.lanes.get(m)
             if lane is None:
+                self.kept_lanes[m] = saved
+                log.info("%s lane: not served now (--modalities); its adapted state is kept in the snapshots", m)
                 continue
             lane.retriever.load_state_dict(saved["method"])
             if lane.retriever.method.params:
@@ -296,9 +334,12 @@ class OnlineService:
         """Stop the worker, then snapshot what was adapted since the last snapshot (shutdown, SIGTERM)."""
         if self.worker:
             self.worker.stop()
-        if self.cfg.state_dir and self.updates != self.snapshot_updates:
-            with self.adapt_lock:
-                self._save()
+        try:
+            if self.cfg.state_dir and self.updates != self.snapshot_updates:
+                with self.adapt_lock:
+                    self._save()
+        finally:
+            self._release_state_dir()
 
     # -- stats -------------------------------------------------------------------------------------
 
