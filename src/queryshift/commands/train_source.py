@@ -24,6 +24,8 @@ import time
 import numpy as np
 import torch
 
+from ..atomic import save_torch
+
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 DEFAULT_OUT = {"general": os.path.join(ASSETS, "shapes-clip-general.pt"),
                "custom": os.path.join(ASSETS, "shapes-clip.pt")}
@@ -62,6 +64,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-every", dest="eval_every", type=int, default=0,
                    help="every N steps, print clean R@1 on shapes:val (default: only at the end)")
     p.add_argument("--out", help="checkpoint path (default: the shipped asset of the stage)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at --out (and its .json); without it one is refused")
     p.add_argument("--cache-dir", dest="cache_dir",
                    help="keep the rendered training views here and reuse them (default: render every time)")
     p.add_argument("--workers", type=int, default=1, help="processes rendering the training views (default 1)")
@@ -142,8 +146,12 @@ def render_cached(split: str, n: int, views: int, general: bool, seed: int, cach
         key = hashlib.sha256(f"{split}:{n}:{views}:{general}:{seed}:{code}".encode()).hexdigest()[:16]
         path = os.path.join(cache_dir, f"shapes-{split}-{n}-{'general' if general else 'clean'}-{views}v-{key}.pt")
         if os.path.isfile(path):
-            saved = torch.load(path)
-            return saved["pixels"], saved["captions"], saved["groups"]
+            try:  # a cache folder may be shared: a file found there is data, never code
+                saved = torch.load(path, weights_only=True)
+                return saved["pixels"], saved["captions"], saved["groups"]
+            except Exception as err:  # noqa: BLE001 - any unreadable cache entry is rendered again
+                print(f"note: {path} is not a readable view cache ({type(err).__name__}); rendering again",
+                      flush=True)
     chunk = 500
     jobs = [(split, a, min(a + chunk, n), views, general, seed) for a in range(0, n, chunk)]
     if workers > 1:
@@ -161,8 +169,7 @@ def render_cached(split: str, n: int, views: int, general: bool, seed: int, cach
                                                len(group_of)) for i in range(n)])
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        torch.save({"pixels": pixels, "captions": captions, "groups": groups}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_torch({"pixels": pixels, "captions": captions, "groups": groups}, path)
     return pixels, captions, groups
 
 
@@ -241,6 +248,46 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def check_args(args) -> None:
+    """Every number in range and the output free, before any rendering or training."""
+    at_least = {"--steps": (args.steps, 1), "--batch-size": (args.batch_size, 2), "--train-images": (
+        args.train_images, 2), "--views": (args.views, 1), "--warmup": (args.warmup, 0), "--workers": (
+        args.workers, 1), "--eval-every": (args.eval_every, 0)}
+    for option, (value, low) in at_least.items():
+        if value < low:
+            raise ValueError(f"{option} must be at least {low}, got {value}")
+    for option, value in (("--lr", args.lr), ("--epochs", args.epochs)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{option} must be a positive number, got {value}")
+    if not (0 <= args.hard_pairs <= 0.5) or not 0 <= int(round(args.hard_pairs * args.batch_size)) <= \
+            args.batch_size // 2:
+        raise ValueError(f"--hard-pairs must be between 0 and 0.5, got {args.hard_pairs}")
+    if not args.weight_decay >= 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.epochs is not None and int(round(args.epochs * (args.train_images // args.batch_size))) < 1:
+        raise ValueError(f"--epochs {args.epochs} is less than one step of --batch-size {args.batch_size} over "
+                         f"--train-images {args.train_images}")
+    if args.init and not os.path.isfile(args.init):
+        raise ValueError(f"--init: no checkpoint at {args.init}")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a directory; give the checkpoint's file name")
+    for path in (args.out, os.path.splitext(args.out)[0] + ".json"):
+        if os.path.lexists(path) and not args.overwrite:
+            raise ValueError(f"--out: {path} exists; pass --overwrite to replace the checkpoint and its .json")
+
+
+def load_init(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of ``--init``: tensors only (weights_only), or a clear error naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - not a torch file, truncated, or holding objects (refused, not run)
+        raise ValueError(f"--init {path}: not a checkpoint written by train-source ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--init {path}: not a checkpoint written by train-source (a state dict of tensors)")
+    return state
+
+
 def main(args) -> int:
     from tqdm import tqdm
 
@@ -251,13 +298,9 @@ def main(args) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = args.out or DEFAULT_OUT[args.stage]
+    check_args(args)
     n_partners = int(round(args.hard_pairs * args.batch_size))
-    if not 0 <= n_partners <= args.batch_size // 2:
-        raise ValueError(f"--hard-pairs must be between 0 and 0.5, got {args.hard_pairs}")
-    if args.init and not os.path.isfile(args.init):
-        raise ValueError(f"--init: no checkpoint at {args.init}")
-    if args.views < 1:
-        raise ValueError(f"--views must be at least 1, got {args.views}")
+    init_state = load_init(args.init) if args.init else None
     n_anchors = args.batch_size - n_partners
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,8 +310,12 @@ def main(args) -> int:
 
     open_clip = backend._open_clip()
     model = open_clip.create_model(args.arch, pretrained=None, precision="fp32")
-    if args.init:
-        model.load_state_dict({k: v.float() for k, v in torch.load(args.init, map_location="cpu").items()})
+    if init_state is not None:
+        try:
+            model.load_state_dict({k: v.float() for k, v in init_state.items()})
+        except RuntimeError as err:  # missing, unexpected or mis-shaped keys
+            raise ValueError(f"--init {args.init}: not a checkpoint of --arch {args.arch} "
+                             f"({str(err).splitlines()[0][:200]})") from None
     encoder = backend.load(f"{args.arch}/random")  # only for its preprocessing constants and tokenizer
     mean = torch.tensor(encoder._transform.transforms[-1].mean).view(1, 3, 1, 1)
     std = torch.tensor(encoder._transform.transforms[-1].std).view(1, 3, 1, 1)
@@ -316,7 +363,7 @@ def main(args) -> int:
     table.write_back()
     minutes = (time.time() - started) / 60
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save({k: v.detach().half() for k, v in model.state_dict().items()}, args.out)
+    save_torch({k: v.detach().half() for k, v in model.state_dict().items()}, args.out)
     encoder = backend.load(f"{args.arch}@{args.out}")  # evaluate exactly what was written
     result = evaluate_clean(encoder, load_shapes("test"))
     info = {

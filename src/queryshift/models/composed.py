@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import save_torch
 from .base import TOWERS, DualEncoder
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -79,21 +80,28 @@ def save_combiner(combiner: GatedCombiner, path: str, meta: dict[str, Any]) -> N
     """fp16 weights (small to ship) plus the architecture and ``meta`` (base model, its weights digest, recipe)."""
     state = {k: v.half() for k, v in combiner.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save({"format": "queryshift-combiner/1", "hparams": combiner.hparams(), "state_dict": state,
-                "meta": meta}, tmp)
-    os.replace(tmp, path)
+    save_torch({"format": "queryshift-combiner/1", "hparams": combiner.hparams(), "state_dict": state,
+                "meta": meta}, path)
 
 
 def load_combiner(path: str) -> tuple[GatedCombiner, dict[str, Any]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"combiner file not found: {path} (train one with 'queryshift train-combiner')")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a planted or foreign pickle is refused, never run
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - not a torch file, truncated, or holding objects
+        raise ValueError(f"{path}: not a combiner written by 'queryshift train-combiner' ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
     if not isinstance(blob, dict) or blob.get("format") != "queryshift-combiner/1":
         raise ValueError(f"{path}: not a combiner written by 'queryshift train-combiner'")
-    combiner = GatedCombiner(**blob["hparams"])
-    combiner.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
-    return combiner.eval(), blob.get("meta", {})
+    try:
+        combiner = GatedCombiner(**blob["hparams"])
+        combiner.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:  # a tampered or mixed file
+        raise ValueError(f"{path}: a damaged combiner file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    meta = blob.get("meta", {})
+    return combiner.eval(), meta if isinstance(meta, dict) else {}
 
 
 class ComposedEncoder(DualEncoder):
