@@ -474,3 +474,19 @@ def test_resume_after_the_data_file_changed_is_refused_naming_it(argv, karpathy,
     assert cli_main([*argv, "--method", "tent", "--out", str(out), "--resume"]) == 2
     line = one_error_line(capsys)
     assert "changed" in line and os.path.basename(data) in line
+
+
+@pytest.mark.parametrize("command", [["train-source", "--steps", "1"], ["corrupt", "--data", "x.json", "--shift",
+                                                                        "gaussian_noise:1"]])
+def test_an_empty_out_is_refused_not_taken_as_unset(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main([*command, "--out", "", "--overwrite", "--no-progress"]) == 2
+    assert "--out is empty" in one_error_line(capsys)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_empty_state_dir_is_refused():
+    from queryshift.serve import ServeConfig
+
+    with pytest.raises(ValueError, match="--state-dir"):
+        ServeConfig(state_dir="")

@@ -103,6 +103,8 @@ def inside(path: str, folder: str) -> bool:
 
 def check_out(out: str) -> None:
     """Refuse an ``--out`` that is a file, or a non-empty folder this command did not write (``/``, a home)."""
+    if not out.strip():
+        raise ValueError("--out is empty; give the output root")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is not a directory")
     if not os.path.isdir(out):

@@ -297,6 +297,8 @@ def main(args) -> int:
     for key, value in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out is empty; give the checkpoint's path, or leave it out for the stage's shipped asset")
     args.out = args.out or DEFAULT_OUT[args.stage]
     check_args(args)
     n_partners = int(round(args.hard_pairs * args.batch_size))

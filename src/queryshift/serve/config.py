@@ -73,6 +73,8 @@ class ServeConfig:
         if self.max_wait < 0 or self.max_update_rate <= 0:
             raise ValueError(f"max_wait must be >= 0 and max_update_rate > 0, got {self.max_wait}, "
                              f"{self.max_update_rate}")
+        if self.state_dir is not None and not str(self.state_dir).strip():
+            raise ValueError("state_dir (--state-dir) is empty; give a folder, or leave it out for no snapshots")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if not 0 < self.port < 65536:
