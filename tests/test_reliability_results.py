@@ -149,3 +149,53 @@ def test_ranking_refuses_scores_it_cannot_order():
     queries = torch.tensor([[1.0, 0.0], [float("nan"), 0.0]])
     with pytest.raises(FloatingPointError, match="query row 1"):
         rank_gallery(queries, torch.eye(2), [[0], [1]])
+
+
+@pytest.mark.parametrize("spec, modality", [
+    ("gaussian_noise:3+filter", "image"), ("RandomCharAug_swap:5+filter", "text"), ("style:outline+filter", "image"),
+    ("stream:temporal=clean,fog:5+filter", "image"),
+])
+def test_a_filter_that_does_not_apply_is_refused(spec, modality):
+    from queryshift.shifts import build
+
+    with pytest.raises(ValueError, match=r"\+filter .*does not apply"):
+        build(spec, modality)
+
+
+@pytest.mark.parametrize("spec, part, problem", [
+    ("gaussian_noise:3+RandomCharAug_swap:9", "RandomCharAug_swap:9", "1-7"),
+    ("gaussian_noise:9+RandomCharAug_swap:5", "gaussian_noise:9", "1-5"),
+    ("RandomCharAug_swap:5+gaussian_noise:3+filter", "gaussian_noise:3+filter", "does not apply"),
+])
+def test_a_composed_shift_names_its_bad_part_and_that_parts_problem(spec, part, problem):
+    from queryshift.engine.composed import build_composed_shift
+
+    with pytest.raises(ValueError) as err:
+        build_composed_shift(spec)
+    message = str(err.value)
+    assert f"{part!r}" in message and problem in message
+    assert "neither" not in message and "queries here are" not in message  # not the other modality's complaint
+
+
+@pytest.mark.parametrize("field", ["shift", "out", "cache_dir", "image_root", "model", "data", "composer"])
+def test_empty_strings_are_refused_not_taken_as_unset(field):
+    from queryshift.engine import RunConfig
+
+    extra = {"direction": "c2i"} if field == "composer" else {}
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match=rf"^{field} is an empty string"):
+            RunConfig(**{field: empty, **extra})
+
+
+def test_run_cli_refuses_an_empty_out(karpathy, tmp_path, capsys):
+    from queryshift.cli import main as cli_main
+
+    data, root = karpathy
+    argv = ["run", "--model", "openclip:qs-tiny/random", "--data", data, "--image-root", root,
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert cli_main([*argv, "--out", ""]) == 2
+    assert "queryshift run: error: out is an empty string" in capsys.readouterr().err
+    assert cli_main([*argv, "--shift", ""]) == 2
+    assert "queryshift run: error: shift is an empty string" in capsys.readouterr().err
+    assert cli_main([*argv, "--config", ""]) == 2
+    assert "queryshift run: error: --config is an empty string" in capsys.readouterr().err

@@ -70,6 +70,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, extra: dict | None = None) -> RunConfig:
     values: dict = {}
+    if getattr(args, "config", None) is not None and not args.config.strip():
+        raise ValueError("--config is an empty string; give a YAML file or leave it out")
     if getattr(args, "config", None):
         from ..configs import load_run_config
 

@@ -16,6 +16,7 @@ import torch
 
 from .. import shifts
 from ..metrics import recall_at_k, recall_subset, subset_ranks
+from ..shifts.registry import WrongModality
 from .ranking import rank_scores
 
 _PARTS = re.compile(r"\+(?!filter\b)")
@@ -52,6 +53,8 @@ def build_composed_shift(spec: str | None, seed: int = 0) -> ComposedShift:
         for modality in ("image", "text"):
             try:
                 built = shifts.build(part, modality, seed)
+            except WrongModality:  # a shift of the other side: not this part's problem
+                continue
             except ValueError as err:
                 errors.append(str(err))
                 continue
@@ -61,6 +64,8 @@ def build_composed_shift(spec: str | None, seed: int = 0) -> ComposedShift:
             sides[modality] = built
             break
         else:
+            if len(errors) == 1:  # a shift of one side with a bad severity or option: that side's complaint
+                raise ValueError(f"composed shift {spec!r}: part {part!r}: {errors[0]}")
             raise ValueError(f"composed shift {spec!r}: {part!r} is neither an image nor a text shift "
                              f"({errors[0]})")
     return ComposedShift(sides.get("image", clean), sides.get("text", clean))

@@ -60,6 +60,10 @@ class RunConfig:
     threads: int = 1
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # "" would act as unset: --out "" wrote nothing, --shift "" ran clean
+            value = getattr(self, f.name)
+            if isinstance(value, str) and not value.strip():
+                raise ValueError(f"{f.name} is an empty string; leave it out for the default")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'i2t', 't2i' or 'c2i', got {self.direction!r}")
         if self.composer is not None and self.direction != "c2i":

@@ -41,7 +41,11 @@ from .streams import (
 from .text import SENTENCE_CORRUPTIONS, TEXT_CORRUPTIONS, TextCorruption
 
 __all__ = ["IMAGE_CORRUPTIONS", "TEXT_CORRUPTIONS", "VALIDATION_SHIFTS", "ALIASES", "build_shift", "list_shifts",
-           "is_validation"]
+           "is_validation", "WrongModality"]
+
+
+class WrongModality(ValueError):
+    """A known shift of the other query modality (a composed query tries each part on both sides)."""
 
 MODALITIES = ("image", "text")
 STREAMS = ("stream:temporal", "stream:diverse", "stream:continual", "stream:continual-s3",
@@ -112,8 +116,8 @@ def _check_modality(modality: str) -> None:
         raise ValueError(f"query modality must be 'image' or 'text', got {modality!r}")
 
 
-def _wrong_modality(name: str, shift_modality: str, modality: str) -> ValueError:
-    return ValueError(f"shift {name!r} corrupts {shift_modality} queries, but the queries here are {modality} "
+def _wrong_modality(name: str, shift_modality: str, modality: str) -> WrongModality:
+    return WrongModality(f"shift {name!r} corrupts {shift_modality} queries, but the queries here are {modality} "
                       f"(image queries: i2t; text queries: t2i). Valid {modality} shifts: "
                       + ", ".join(list_shifts(modality)))
 
@@ -126,15 +130,18 @@ def build_shift(spec: str, modality: str, seed: int = 0, semantic_filter: bool =
         return QueryShift()
     if spec.startswith("stream:"):
         return _build_stream(spec, modality, seed, semantic_filter)
+    asked_filter = spec.endswith("+filter")  # asked for by name: refused where it does nothing
+    if asked_filter:
+        spec, semantic_filter = spec.removesuffix("+filter").strip(), True
     domains, domain_error = _domain_shifts()
     for key in (spec, spec.removeprefix("style:"), spec.removeprefix("domain:")):
         if key in domains:
             shift = domains[key](modality, seed)
             if shift.modality not in (None, modality):
                 raise _wrong_modality(spec, shift.modality, modality)
+            if asked_filter:
+                raise _filter_does_not_apply(spec, "a domain style")
             return shift
-    if spec.endswith("+filter"):
-        spec, semantic_filter = spec.removesuffix("+filter"), True
     name, _, level_text = spec.partition(":")
     name = ALIASES.get(name, name)
     image_names = IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS
@@ -155,8 +162,19 @@ def build_shift(spec: str, modality: str, seed: int = 0, semantic_filter: bool =
     except ValueError:
         raise ValueError(f"shift {spec!r}: severity must be an integer, got {level_text!r}") from None
     if shift_modality == "image":
+        if asked_filter:
+            raise _filter_does_not_apply(f"{name}:{level}", "an image corruption")
         return ImageCorruption(name, level)
-    return TextCorruption(name, level, semantic_filter=semantic_filter)
+    shift = TextCorruption(name, level, semantic_filter=semantic_filter)
+    if asked_filter and shift.filter is None:  # TextCorruption knows which corruptions the redraw applies to
+        raise _filter_does_not_apply(shift.name, "a character-level corruption or back-translation")
+    return shift
+
+
+def _filter_does_not_apply(spec: str, kind: str) -> ValueError:
+    return ValueError(f"shift {spec + '+filter'!r}: +filter (the semantic-similarity redraw) does not apply to "
+                      f"{kind}; it applies to the EDA (sr, ri, rs, rd), ip and sentence-style text shifts. Drop "
+                      f"'+filter'")
 
 
 def _build_stream(spec: str, modality: str, seed: int, semantic_filter: bool) -> QueryShift:
