@@ -53,15 +53,25 @@ def _within_deadline(call, *args):
 
 
 @pytest.fixture
-def fifo(tmp_path):
-    """A named pipe nobody writes to; opening it for reading blocks until a writer comes."""
-    path = tmp_path / "pipe"
-    os.mkfifo(path)
-    yield path
-    try:  # release a reader that is still blocked (a failing test), so its thread ends
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:
-        pass
+def fifo():
+    """fifo(path): a named pipe nobody writes to at ``path`` (replacing a file); opening it for reading
+    blocks until a writer comes."""
+    made = []
+
+    def make(path):
+        path = str(path)
+        if os.path.lexists(path):
+            os.remove(path)
+        os.mkfifo(path)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:  # release a reader that is still blocked (a failing test), so its thread ends
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
 
 
 def _write_jsonl(path, rows):
@@ -345,7 +355,7 @@ def test_short_repr_bounds_any_value():
 
 def test_image_that_is_a_fifo_is_refused_not_waited_for(karpathy, fifo):
     data, root = karpathy
-    os.replace(fifo, os.path.join(root, "img", "3.jpg"))
+    fifo(os.path.join(root, "img", "3.jpg"))
     ds = load_karpathy(data, root)
     box = _within_deadline(ds.load_image, 3)
     assert isinstance(box.get("error"), DataError), box
@@ -367,7 +377,7 @@ def test_image_that_is_a_device_or_a_folder_is_refused(karpathy, special, kind):
 
 def test_run_with_skip_bad_images_skips_a_fifo_image(karpathy, fifo, tmp_path, capsys):
     data, root = karpathy
-    os.replace(fifo, os.path.join(root, "img", "5.jpg"))
+    fifo(os.path.join(root, "img", "5.jpg"))
     argv = ["run", "--model", TINY_MODEL, "--data", data, "--image-root", root, "--skip-bad-images",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--batch-size", "4", "--out", str(tmp_path / "r")]
     box = _within_deadline(cli_main, argv)
@@ -381,7 +391,7 @@ def test_run_with_skip_bad_images_skips_a_fifo_image(karpathy, fifo, tmp_path, c
                                          ("--data", "pairs.jsonl"), ("--config", "run.yaml")])
 def test_annotation_or_config_that_is_a_fifo_is_refused(tmp_path, fifo, capsys, option, name):
     path = tmp_path / name
-    os.replace(fifo, path)
+    fifo(path)
     argv = ["run", "--model", TINY_MODEL, option, str(path), "--no-progress"]
     box = _within_deadline(cli_main, argv)
     assert box.get("result") == 2, box
@@ -390,14 +400,14 @@ def test_annotation_or_config_that_is_a_fifo_is_refused(tmp_path, fifo, capsys, 
 
 def test_named_dataset_file_that_is_a_fifo_is_refused(tmp_path, fifo):
     root = make_cirr(tmp_path / "cirr_root")
-    os.replace(fifo, os.path.join(root, "cirr", "captions", "cap.rc2.val.json"))
+    fifo(os.path.join(root, "cirr", "captions", "cap.rc2.val.json"))
     box = _within_deadline(load_dataset, f"cirr:{root}")
     assert isinstance(box.get("error"), DataError) and "cap.rc2.val.json" in str(box["error"]), box
 
 
 def test_corrupt_captions_with_a_fifo_as_data_is_refused(tmp_path, fifo, capsys):
     path = tmp_path / "ann.json"
-    os.replace(fifo, path)
+    fifo(path)
     argv = ["corrupt", "--data", str(path), "--shift", "ocr:1", "--out", str(tmp_path / "out"), "--no-progress"]
     box = _within_deadline(cli_main, argv)
     assert box.get("result") == 2, box

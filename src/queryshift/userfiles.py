@@ -62,12 +62,14 @@ def open_regular(path: str, mode: str = "r", *, encoding: str | None = None, new
     kind = special_kind(os.stat(path).st_mode)
     if kind:
         raise error(f"{path} is {kind}, not a regular file")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX; Windows has no FIFOs to block on
+    fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     try:
         kind = special_kind(os.fstat(fd).st_mode)
         if kind:
             raise error(f"{path} is {kind}, not a regular file")
-        os.set_blocking(fd, True)
+        if nonblocking:
+            os.set_blocking(fd, True)
         return os.fdopen(fd, mode, encoding=encoding, newline=newline)
     except BaseException:
         os.close(fd)
