@@ -69,3 +69,66 @@ def test_report_header_names_the_queryshift_command_however_it_was_started():
     for entry in ("/usr/local/bin/queryshift", "/x/src/queryshift/__main__.py", "/x/src/queryshift/cli.py"):
         assert invoked_command([entry, *args]) == expected
     assert invoked_command(["my_script.py", "bench"]) == "my_script.py bench"
+
+
+# --- refusals before any work (issue 29 items 5 and 6) ---
+
+@pytest.mark.parametrize("flag, value", [("--methods", ""), ("--methods", "source,,tent"), ("--shifts", ""),
+                                         ("--shifts", " , "), ("--directions", "")])
+def test_bench_refuses_an_empty_list(flag, value, tmp_path, capsys):
+    argv = ["bench", "--methods", "source", "--out", str(tmp_path / "b"), flag, value]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"queryshift bench: error: {flag}" in err and "empty" in err
+    assert not (tmp_path / "b").exists()
+
+
+def _suite(tmp_path, text: str) -> str:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_bench_refuses_an_unknown_table_metric_naming_the_valid_ones(tmp_path, capsys):
+    suite = _suite(tmp_path, "grid: {method: [source]}\ntable: {rows: method, metric: [r1, R@1]}\n")
+    assert cli_main(["bench", "--suite", suite, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "'R@1'" in err and "r1, r5, r10" in err and "log_means.<key>" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_known_table_metrics_pass_the_check():
+    from queryshift.bench import check_metric
+
+    for metric in ("r1", "map", "forgetting.forgetting", "forgetting_general.mean.forgetting", "log_means.loss"):
+        check_metric(metric)
+    for metric in ("", "forgetting", "log_means", "r1.x", "recall"):
+        with pytest.raises(ValueError, match="valid metrics"):
+            check_metric(metric)
+
+
+def test_bench_counts_a_large_grid_before_building_it(tmp_path, capsys):
+    import time
+
+    seeds = ", ".join(str(s) for s in range(100))
+    suite = _suite(tmp_path, f"grid: {{method: [source, tent, tcr], seed: [{seeds}], steps: [1, 2, 3, 4, 5, 6, 7]}}\n")
+    start = time.perf_counter()
+    assert cli_main(["bench", "--suite", suite, "--out", str(tmp_path / "b")]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "2100 runs" in err and "--max-runs" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_max_runs_allows_a_large_grid_and_caps_an_ad_hoc_one(tmp_path):
+    from queryshift.cli import build_parser
+
+    seeds = ", ".join(str(s) for s in range(30))
+    suite = _suite(tmp_path, f"grid: {{method: [source], seed: [{seeds}]}}\n")
+    parser = build_parser()
+    tables = bench.plan(parser.parse_args(["bench", "--suite", suite, "--out", "x", "--max-runs", "30"]))
+    assert len(tables[0]["runs"]) == 30
+    with pytest.raises(ValueError, match=r"30 runs, .*--max-runs 30"):
+        bench.plan(parser.parse_args(["bench", "--suite", suite, "--out", "x", "--max-runs", "29"]))
+    with pytest.raises(ValueError, match=r"4 runs, .*--max-runs 4"):
+        bench.plan(parser.parse_args(["bench", "--methods", "source,tent", "--out", "x", "--max-runs", "3"]))

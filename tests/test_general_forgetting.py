@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from queryshift.bench.tables import metric_slug
 from queryshift.cli import main as cli_main
-from queryshift.commands import bench
 from queryshift.engine import RunConfig, run, settings_changed
 from queryshift.engine import report as report_module
 from queryshift.engine.rundir import RunDir, RunDirError
@@ -133,7 +133,7 @@ def test_bench_table_shows_general_forgetting(karpathy, tmp_path):
     assert f"| tent | {tent:.2f} | {tent:.2f} |" in md
     assert (out / "forget-forgetting_general-mean-forgetting.png").exists()
     assert (out / "forget-forgetting-forgetting.png").exists()
-    assert bench._metric_slug("forgetting.forgetting", ["r1", "forgetting.forgetting"]) == "forgetting"
+    assert metric_slug("forgetting.forgetting", ["r1", "forgetting.forgetting"]) == "forgetting"
 
 
 def test_general_forgetting_is_measured_on_the_styled_queries(tmp_path):

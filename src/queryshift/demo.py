@@ -16,8 +16,7 @@ import os
 import sys
 import time
 
-from . import methods
-from .commands import bench
+from . import bench, methods
 from .engine import RunConfig
 
 # a noise, a blur and an unseen image style; a char-level corruption and an unseen caption style
