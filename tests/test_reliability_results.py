@@ -199,3 +199,27 @@ def test_run_cli_refuses_an_empty_out(karpathy, tmp_path, capsys):
     assert "queryshift run: error: shift is an empty string" in capsys.readouterr().err
     assert cli_main([*argv, "--config", ""]) == 2
     assert "queryshift run: error: --config is an empty string" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, key", [
+    ("faiss-ivf:nlist=-1", "nlist"), ("faiss-ivf:nprobe=0", "nprobe"), ("faiss-ivf:nprobe=-3", "nprobe"),
+    ("faiss-ivf:train_size=-5", "train_size"), ("faiss-ivf:kmeans_iters=-1", "kmeans_iters"),
+    ("faiss-ivf:nprobe=99999999999999999999", "nprobe"), ("faiss-hnsw:M=1", "M"), ("faiss-hnsw:M=-1", "M"),
+    ("faiss-hnsw:ef_search=0", "ef_search"), ("faiss-hnsw:ef_construction=0", "ef_construction"),
+    ("exact:chunk=0", "chunk"), ("faiss-ivf:nlist=2,nlist=3", "nlist"),
+])
+def test_bad_gallery_index_options_are_refused_by_name(spec, key):
+    """Checked with the settings, before any work: some of these abort the process inside faiss (M=1)."""
+    from queryshift.engine import RunConfig
+
+    with pytest.raises(ValueError, match=rf"gallery index {spec!r}: {key} "):
+        RunConfig(gallery_index=spec)
+
+
+def test_an_ivf_with_more_lists_than_the_gallery_has_items_is_refused():
+    pytest.importorskip("faiss")
+    from queryshift.engine.gallery_index import build_index
+
+    gallery = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
+    with pytest.raises(ValueError, match=r"faiss-ivf: nlist=50 .*20 gallery items"):
+        build_index("faiss-ivf:nlist=50", gallery)

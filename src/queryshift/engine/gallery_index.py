@@ -26,6 +26,11 @@ PARAMS = {
 }
 # parameters that only change how a built index is searched (no rebuild): see FaissIndex.set_search
 SEARCH_PARAMS = {"faiss-hnsw": ("ef_search",), "faiss-ivf": ("nprobe",)}
+# smallest value of each parameter (faiss aborts the process on an HNSW with M < 2, returns -1 ids for
+# ef_search 0 and fails inside its search for nprobe 0); every value must also fit faiss's C int
+MINIMUM = {"chunk": 1, "M": 2, "ef_construction": 1, "ef_search": 1, "nlist": 0, "nprobe": 1, "train_size": 0,
+           "kmeans_iters": 0}
+C_INT_MAX = 2**31 - 1
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -33,16 +38,29 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     kind, _, rest = spec.partition(":")
     if kind not in KINDS:
         raise ValueError(f"gallery index {spec!r}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    params = dict(PARAMS[kind])
+    params, given = dict(PARAMS[kind]), set()
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in params:
             raise ValueError(f"gallery index {spec!r}: unknown parameter {item!r}; known: {sorted(params)}")
+        if key in given:
+            raise ValueError(f"gallery index {spec!r}: {key} is given twice")
+        given.add(key)
         try:
             params[key] = int(value)
         except ValueError:
             raise ValueError(f"gallery index {spec!r}: {key} must be an integer, got {value!r}") from None
+        check_param(spec, key, params[key])
     return kind, params
+
+
+def check_param(spec: str, key: str, value: int) -> None:
+    """ValueError unless ``value`` is a usable ``key`` (at least ``MINIMUM[key]``, at most a C int)."""
+    low = MINIMUM[key]
+    if not low <= value <= C_INT_MAX:
+        auto = " (0: chosen from the gallery size)" if low == 0 and key in ("nlist", "train_size") else ""
+        raise ValueError(f"gallery index {spec!r}: {key} must be an integer in [{low}, {C_INT_MAX}]{auto}, "
+                         f"got {value}")
 
 
 class ExactIndex:
@@ -120,6 +138,9 @@ class FaissIndex:
             # k-means, add and coarse search run on faiss's bundled BLAS, 10-40x slower than torch's on this
             # project's CPUs: a 4,096-list build of 1M items took 17 min); faiss stores and scans the lists
             nlist = params["nlist"] or max(1, min(4096, int(math.sqrt(n))))
+            if nlist > n:
+                raise ValueError(f"faiss-ivf: nlist={nlist} lists for {n} gallery items; use at most {n} (or 0: "
+                                 f"chosen from the gallery size)")
             train = min(n, params["train_size"] or 40 * nlist)
             rows = np.sort(np.random.default_rng(0).choice(n, size=train, replace=False))
             self.centroids = spherical_kmeans(torch.from_numpy(as_float32(gallery[rows])), nlist,
@@ -144,6 +165,9 @@ class FaissIndex:
 
     def set_search(self, params: dict) -> None:
         """Change the search-time parameters (``nprobe``, ``ef_search``) of the built index."""
+        for key in ("nprobe", "ef_search"):
+            if key in params:
+                check_param(self.kind, key, int(params[key]))
         if "nprobe" in params and self.kind == "faiss-ivf":
             self.params["nprobe"] = int(params["nprobe"])
             self.index.nprobe = min(self.params["nprobe"], self.index.nlist)
