@@ -35,11 +35,12 @@ class EntropyMin(Method):
 
 
 @pytest.fixture
-def entropy_method(monkeypatch):
-    monkeypatch.setitem(methods.METHODS, "entropy-min", "tests.test_engine:EntropyMin")
+def entropy_method():
+    methods.register("entropy-min", "tests.test_engine:EntropyMin")  # by path: bench workers import it too
     EntropyMin.fail_at_batch = None
     yield
     EntropyMin.fail_at_batch = None
+    methods.unregister("entropy-min")
 
 
 

@@ -73,9 +73,12 @@ class NanLoss(Method):
 
 
 @pytest.fixture
-def test_methods(monkeypatch):
-    monkeypatch.setitem(methods.METHODS, "always-skips", "tests.test_reliability:AlwaysSkips")
-    monkeypatch.setitem(methods.METHODS, "nan-loss", "tests.test_reliability:NanLoss")
+def test_methods():
+    methods.register("always-skips", "tests.test_reliability:AlwaysSkips")
+    methods.register("nan-loss", "tests.test_reliability:NanLoss")
+    yield
+    methods.unregister("always-skips")
+    methods.unregister("nan-loss")
 
 
 # -- 1. a finished run is never replaced silently -------------------------------------------------------------

@@ -30,7 +30,7 @@ METHODS: dict[str, str | type[Method]] = {
     "tcr-free": ".tcr_free:TCRFree",
     "rest": ".rest:REST",
 }
-
+_SHIPPED = frozenset(METHODS)
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _plugins_loaded = False
@@ -70,6 +70,14 @@ def register(name: str, target: str | type[Method], replace: bool = False) -> No
     METHODS[name] = target
 
 
+def unregister(name: str) -> None:
+    """Remove a method added with :func:`register` (a test's or a notebook's); a name not registered is ignored,
+    and the shipped methods cannot be removed."""
+    if name in _SHIPPED:
+        raise ValueError(f"method {name!r} ships with queryshift and cannot be unregistered")
+    METHODS.pop(name, None)
+
+
 def _describe(target: str | type[Method]) -> str:
     return target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
 
@@ -93,4 +101,5 @@ def available() -> list[str]:
     return list(METHODS)
 
 
-__all__ = ["AdaptConfig", "Method", "NonFiniteLossError", "METHODS", "get", "available", "register", "load_plugins"]
+__all__ = ["AdaptConfig", "Method", "NonFiniteLossError", "METHODS", "get", "available", "register", "unregister",
+           "load_plugins"]

@@ -25,6 +25,12 @@ hyper-parameters on; no test table or test suite uses them (``is_validation`` te
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
 from . import QueryShift
 from .image import IMAGE_CORRUPTIONS, VALIDATION_CORRUPTIONS, ImageCorruption
 from .streams import (
@@ -41,7 +47,7 @@ from .streams import (
 from .text import SENTENCE_CORRUPTIONS, TEXT_CORRUPTIONS, TextCorruption
 
 __all__ = ["IMAGE_CORRUPTIONS", "TEXT_CORRUPTIONS", "VALIDATION_SHIFTS", "ALIASES", "build_shift", "list_shifts",
-           "is_validation", "WrongModality"]
+           "is_validation", "WrongModality", "register_shift", "unregister_shift"]
 
 
 class WrongModality(ValueError):
@@ -86,12 +92,64 @@ def is_validation(spec: str | None) -> bool:
 
 
 def _domain_shifts() -> tuple[dict, str | None]:
-    """Domain styles live in an optional module; without it those names are simply not offered."""
+    """Domain styles live in an optional module; without it those names are simply not offered. Shifts added
+    with :func:`register_shift` come with them (looked up by their exact name)."""
+    user = {name: _user_factory(name, modality, fn) for name, (modality, fn) in USER_SHIFTS.items()}
     try:
         from .domain import DOMAIN_SHIFTS
     except ImportError as err:
-        return {}, str(err)
-    return dict(DOMAIN_SHIFTS), None
+        return user, str(err)
+    return {**DOMAIN_SHIFTS, **user}, None
+
+
+# name -> (query modality, fn(item, rng) -> item): shifts defined outside the package
+USER_SHIFTS: dict[str, tuple[str, Callable[[Any, np.random.Generator], Any]]] = {}
+_SHIFT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+
+
+class FunctionShift(QueryShift):
+    """A registered function applied to every query of its modality with the engine's per-query generator."""
+
+    def __init__(self, name: str, modality: str, fn: Callable):
+        self.name, self.modality, self.fn = name, modality, fn
+
+    def __call__(self, item, index, position, total, rng):
+        return self.fn(item, rng)
+
+
+def _user_factory(name: str, modality: str, fn: Callable) -> Callable[[str, int], QueryShift]:
+    return lambda query_modality, seed=0: FunctionShift(name, modality, fn)  # build_shift checks the modality
+
+
+def register_shift(name: str, fn: Callable[[Any, np.random.Generator], Any], modality: str,
+                   replace: bool = False) -> None:
+    """Make ``--shift NAME`` apply ``fn(item, rng) -> item`` to every query of ``modality``.
+
+    ``item`` is a PIL image for ``"image"`` and a caption string for ``"text"``; ``rng`` is the query's own
+    ``numpy.random.Generator`` (a function of the run's seed and the query's index), so the shift is
+    reproducible and resumable. Registering a name again with the same function does nothing; another one is
+    refused unless ``replace`` is true, and a name of the catalogue (a corruption, alias, style or stream) is
+    always refused.
+    """
+    _check_modality(modality)
+    if not isinstance(name, str) or not _SHIFT_NAME.fullmatch(name) or name.startswith("stream:") \
+            or name in ("clean", "none"):
+        raise ValueError(f"shift name must be letters, digits, '-', '_', '.' or ':' (not 'stream:...'), got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"shift {name!r}: fn must be callable as fn(item, rng), got {fn!r}")
+    builtin, _ = _domain_shifts() if name not in USER_SHIFTS else ({}, None)
+    catalogue = set(IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS + TEXT_CORRUPTIONS) | set(ALIASES) | set(builtin)
+    if name in catalogue or name.partition(":")[0] in catalogue:
+        raise ValueError(f"shift {name!r} is already a built-in shift name; choose another")
+    current = USER_SHIFTS.get(name)
+    if current is not None and current != (modality, fn) and not replace:
+        raise ValueError(f"shift {name!r} is already registered; pass replace=True")
+    USER_SHIFTS[name] = (modality, fn)
+
+
+def unregister_shift(name: str) -> None:
+    """Remove a shift added with :func:`register_shift`; an unknown name is ignored."""
+    USER_SHIFTS.pop(name, None)
 
 
 def list_shifts(modality: str) -> list[str]:
