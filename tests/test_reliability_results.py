@@ -223,3 +223,25 @@ def test_an_ivf_with_more_lists_than_the_gallery_has_items_is_refused():
     gallery = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
     with pytest.raises(ValueError, match=r"faiss-ivf: nlist=50 .*20 gallery items"):
         build_index("faiss-ivf:nlist=50", gallery)
+
+
+def test_the_service_after_a_reset_adapts_as_a_new_one(tmp_path):
+    """POST /reset (and the collapse guard) call Retriever.reset(): the lane's REST must warm up again."""
+    from tests.serve_helpers import service
+
+    s = service(tmp_path, hparams={"queue_batches": 2})
+    lane = s.lanes["text"]
+
+    def rounds():
+        points = []
+        for r in range(4):  # past the warm-up of 2 updates
+            for i in range(4):
+                s.search("text", s.dataset.texts[4 * r + i])
+            assert s.run_pending()
+            points.append({k: v for k, v in lane.last.items() if k not in ("update", "time", "seconds")})
+        return points
+
+    fresh = rounds()
+    s.reset()
+    assert lane.retriever.method.batch_index == 0 and len(lane.retriever.method.queue) == 0
+    assert rounds() == fresh

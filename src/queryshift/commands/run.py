@@ -38,7 +38,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--include-final-ln", dest="include_final_ln", action="store_const", const=True,
                    help="also adapt the text tower's final LayerNorm (excluded by the TCR code)")
     g.add_argument("--on-nonfinite", dest="on_nonfinite", choices=["skip", "raise"],
-                   help="a NaN/inf loss skips that update (default) or stops the run")
+                   help="a NaN/inf loss skips that update (default) or stops the run; NaN/inf scores always stop "
+                        "it (they cannot be ranked)")
     g.add_argument("--max-queries", dest="max_queries", type=int, help="only the first N queries of the stream")
     g.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False,
                    help="stream queries in dataset order")
