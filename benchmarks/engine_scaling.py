@@ -65,7 +65,7 @@ def throughput(n_images: int, captions: int, cache: str, batch_size: int, thread
     engine.run(engine.RunConfig(**cfg, max_queries=batch_size))  # fills the gallery store
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    one = engine.run(engine.RunConfig(**cfg))
+    one = engine.run(engine.RunConfig(**cfg, threads=threads))  # a run pins its own thread count (default 1)
     seconds_one = time.perf_counter() - t0
     with mp.Manager() as manager:
         out = manager.dict()
