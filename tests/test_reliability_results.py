@@ -162,6 +162,17 @@ def test_a_filter_that_does_not_apply_is_refused(spec, modality):
         build(spec, modality)
 
 
+@pytest.mark.parametrize("spec, problem", [
+    ("stream:temporal=clean,,fog:5", "member 2 of the shift list is empty"),
+    ("stream:diverse@=fog:5,snow:5", "@ needs a block size"),
+])
+def test_empty_parts_of_a_stream_spec_are_refused(spec, problem):
+    from queryshift.shifts import build
+
+    with pytest.raises(ValueError, match=problem):
+        build(spec, "image")
+
+
 @pytest.mark.parametrize("spec, part, problem", [
     ("gaussian_noise:3+RandomCharAug_swap:9", "RandomCharAug_swap:9", "1-7"),
     ("gaussian_noise:9+RandomCharAug_swap:5", "gaussian_noise:9", "1-5"),

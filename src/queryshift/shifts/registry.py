@@ -243,7 +243,10 @@ def _build_stream(spec: str, modality: str, seed: int, semantic_filter: bool) ->
                          + " (optionally =SHIFT,SHIFT,... and, for the diverse kinds, @BLOCK)")
     defaults, stream_class, takes_block = STREAM_KINDS[kind]
     if has_list:
-        specs = [m.strip() for m in members.split(",") if m.strip()]
+        specs = [m.strip() for m in members.split(",")]
+        if len(specs) > 1 and not all(specs):  # an empty member is a typo, not "skip this one"
+            raise ValueError(f"{spec!r}: member {specs.index('') + 1} of the shift list is empty")
+        specs = [m for m in specs if m]
     else:
         specs = list(defaults[modality])
     if any(s.startswith("stream:") for s in specs):
@@ -253,6 +256,8 @@ def _build_stream(spec: str, modality: str, seed: int, semantic_filter: bool) ->
         if block_text:
             raise ValueError(f"{spec!r}: @BLOCK applies to diverse streams only")
         return stream_class(spec, shifts)
+    if "@" in head and not block_text:
+        raise ValueError(f"{spec!r}: @ needs a block size, e.g. @{DEFAULT_BLOCK}; leave '@' out for the default")
     try:
         block = int(block_text) if block_text else DEFAULT_BLOCK
     except ValueError:
