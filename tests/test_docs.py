@@ -80,3 +80,15 @@ def test_docs_holds_the_site_pages_only():
     assert pages - in_nav == set()
     assert in_nav - pages == set()
     assert not [p for p in pages if p.startswith("results-") or "-notes" in p]
+
+
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_python_api_online_core_example_runs(capsys):
+    # the docs' Retriever example, executed as written (the page's first example is examples/quickstart.py)
+    block = next(b for b in python_blocks(ROOT / "docs" / "python-api.md") if "Retriever(" in b)
+    exec(compile(block, "docs/python-api.md", "exec"), {})
+    top_items = capsys.readouterr().out.split("]")[0].strip("[ ")
+    assert len(top_items.split(",")) == 5
