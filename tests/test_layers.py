@@ -140,3 +140,36 @@ def test_modules_of_the_issue_import_only_downward(module):
     me = unit(_module_name(path))
     bad = [t for t, _ in imports_of(path) if unit(t) != me and LAYERS[unit(t)] >= LAYERS[me]]
     assert bad == []
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list"], []])
+def test_help_and_list_do_not_import_torch(argv):
+    """``queryshift --help`` and ``list`` must answer in a fraction of torch's import time
+    (benchmarks/cli_startup.py measures it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from queryshift.cli import main\n"
+            "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = sorted(m for m in ('torch', 'open_clip', 'transformers', 'matplotlib') if m in sys.modules)\n"
+            "print('HEAVY', heavy, code)")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(os.path.join(SRC, os.pardir))}
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=300)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("HEAVY []"), last
+    assert "bench" in done.stdout or argv == ["list"]  # the command list is still shown
+
+
+def test_the_cli_lists_each_command_with_its_own_help():
+    """The top-level help names each command with the help its module gives (the CLI does not import the
+    modules to show it, so the two are checked here)."""
+    import argparse
+    import importlib
+
+    from queryshift import cli
+
+    for name, (module, helptext) in cli.COMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"queryshift.commands.{module}").add_parser(sub)
+        assert list(sub.choices) == [name]
+        assert sub._choices_actions[0].help == helptext, name

@@ -13,21 +13,43 @@ import sys
 
 from . import __version__
 
-# module names under queryshift.commands; each defines add_parser(subparsers) and main(args)
-COMMANDS = ("run", "bench", "corrupt", "train_source", "train_combiner", "info", "serve")
+# command -> (module under queryshift.commands, its one-line help). Each module defines add_parser(subparsers)
+# and main(args); only the module of the command given is imported, so ``--help`` and ``list`` stay fast (a
+# command module may import torch). tests/test_layers.py checks these help lines against the modules' own.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run", "adapt a model online on one query stream and write DIR/result.json"),
+    "bench": ("bench", "run a grid of methods x shifts x directions and write one results table"),
+    "corrupt": ("corrupt", "write corrupted copies of a dataset (COCO-C / Flickr-C layout)"),
+    "train-source": ("train_source", "train the shapes-world CLIP (shapes-clip-general, shapes-clip)"),
+    "train-combiner": ("train_combiner",
+                       "train a composed-query combiner on a frozen backbone (the shipped shapes-cir one)"),
+    "list": ("info", "list the registered methods, shifts, datasets and backbones"),
+    "serve": ("serve", "serve retrieval over HTTP, adapting the query encoder online as queries arrive"),
+}
 
 DEBUG_HELP = "show the full Python traceback of an error"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str | None:
+    """The command named on the command line (the first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the full options of the command named in ``argv`` (every command's when ``argv`` is None),
+    a one-line entry for the others."""
     parser = argparse.ArgumentParser(
         prog="queryshift",
         description="Online test-time adaptation of cross-modal retrieval models under query shift.")
     parser.add_argument("--version", action="version", version=f"queryshift {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f".commands.{name}", __package__).add_parser(sub)
+    wanted = set(COMMANDS) if argv is None else {_command_in(argv)}
+    for name, (module, helptext) in COMMANDS.items():
+        if name in wanted:
+            importlib.import_module(f".commands.{module}", __package__).add_parser(sub)
+        else:
+            sub.add_parser(name, help=helptext, add_help=False)
     for p in sub.choices.values():  # also accepted after the command; SUPPRESS keeps the top-level value
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
@@ -56,7 +78,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -14,8 +14,19 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from typing import TYPE_CHECKING
 
-from .base import AdaptConfig, Method, NonFiniteLossError
+if TYPE_CHECKING:  # .base imports torch; the registry alone (``queryshift list``, ``--help``) does not need it
+    from .base import AdaptConfig, Method, NonFiniteLossError
+
+
+def __getattr__(name: str):
+    if name in ("AdaptConfig", "Method", "NonFiniteLossError"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # name -> "module:Class" (imported on first use, so a method's optional dependencies stay optional)
 METHODS: dict[str, str | type[Method]] = {
@@ -62,7 +73,7 @@ def register(name: str, target: str | type[Method], replace: bool = False) -> No
         module, _, cls = target.partition(":")
         if not module or not cls or module.startswith("."):
             raise ValueError(f"method {name!r}: target must be 'package.module:Class', got {target!r}")
-    elif not (isinstance(target, type) and issubclass(target, Method)):
+    elif not (isinstance(target, type) and issubclass(target, _method_base())):
         raise TypeError(f"method {name!r}: target must be a Method subclass or 'module:Class', got {target!r}")
     current = METHODS.get(name)
     if current is not None and current != target and not replace:
@@ -78,6 +89,12 @@ def unregister(name: str) -> None:
     METHODS.pop(name, None)
 
 
+def _method_base() -> type[Method]:
+    from .base import Method
+
+    return Method
+
+
 def _describe(target: str | type[Method]) -> str:
     return target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
 
@@ -91,7 +108,7 @@ def get(name: str) -> type[Method]:
         return target
     module, _, cls = target.partition(":")
     found = getattr(importlib.import_module(module, __package__), cls)
-    if not (isinstance(found, type) and issubclass(found, Method)):
+    if not (isinstance(found, type) and issubclass(found, _method_base())):
         raise TypeError(f"method {name!r}: {target} is not a Method subclass")
     return found
 

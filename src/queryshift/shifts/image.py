@@ -55,14 +55,11 @@ from PIL import Image
 
 from . import QueryShift
 
-try:  # the `corrupt` extra; without it the names stay importable and building a corruption says what's missing
-    import cv2
-    from scipy.ndimage import gaussian_filter
-except ImportError as _err:
-    cv2 = gaussian_filter = None
-    _MISSING = _err
-else:
-    _MISSING = None
+# the `corrupt` extra (opencv, scipy), imported by _require_backends when a corruption is first built or applied:
+# without it the names stay importable and building a corruption says what's missing, and listing the names
+# (``queryshift list``) does not pay for importing them
+cv2 = gaussian_filter = None
+_MISSING: ImportError | None = None
 
 IMAGE_CORRUPTIONS = (
     "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise",
@@ -363,6 +360,15 @@ def spatter(x, s, rng):
 
 
 def _require_backends() -> None:
+    global cv2, gaussian_filter, _MISSING
+    if cv2 is None and _MISSING is None:
+        try:
+            import cv2 as _cv2
+            from scipy.ndimage import gaussian_filter as _gaussian_filter
+        except ImportError as err:
+            _MISSING = err
+        else:
+            cv2, gaussian_filter = _cv2, _gaussian_filter
     if _MISSING is not None:
         raise ImportError(f"image corruptions need opencv and scipy: pip install 'queryshift[corrupt]' ({_MISSING})")
 
