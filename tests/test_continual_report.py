@@ -46,3 +46,14 @@ def test_table_and_plot(tmp_path):
     assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="no run with stream segments"):
         plot_continual(RECORDS[4:], "x", str(tmp_path / "d.png"))
+
+
+def test_bench_report_adds_a_section_per_stream(tmp_path):
+    from queryshift.bench.report import _streams_section
+
+    records = [dict(r, table="t") for r in RECORDS[:3]]
+    parts = _streams_section("t", records, str(tmp_path), "")
+    text = "\n".join(parts)
+    assert "### Along the stream: i2t continual" in text and "| tcr | 19.67 | -8.00 | -1.50 | 2 of 3 |" in text
+    assert (tmp_path / "t-along-0.png").stat().st_size > 1000
+    assert _streams_section("t", [dict(RECORDS[4], table="t")], str(tmp_path), "") == []

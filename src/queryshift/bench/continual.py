@@ -38,17 +38,22 @@ def _dig(record: dict, path: str):
     return value
 
 
+def group_streams(records: list[dict]) -> dict[str, list[dict]]:
+    """The records with stream segments, by stream: label (the labels other than ``method``) -> records."""
+    streams: dict[tuple, list[dict]] = {}
+    for record in records:
+        if record.get("segments"):
+            streams.setdefault(_stream_key(record), []).append(record)
+    return {_stream_label(key): group for key, group in streams.items()}
+
+
 def continual_summary(records: list[dict], source: str = SOURCE) -> dict[str, list[dict]]:
     """Per stream (label) the rows of its methods: stream R@1 (mean over segments), clean and general-domain
     forgetting after the stream, and the number of segments where the method's R@1 is below ``source``'s.
 
     Only records with segments take part; a stream without a ``source`` run has ``below_source`` None."""
-    streams: dict[tuple, list[dict]] = {}
-    for record in records:
-        if record.get("segments"):
-            streams.setdefault(_stream_key(record), []).append(record)
     out = {}
-    for key, group in streams.items():
+    for label, group in group_streams(records).items():
         base = next((r for r in group if _method(r) == source), None)
         base_r1 = dict(segment_r1(base)) if base else None
         rows = []
@@ -61,7 +66,7 @@ def continual_summary(records: list[dict], source: str = SOURCE) -> dict[str, li
                 "forgetting_general": _dig(record, "forgetting_general.mean.forgetting"),
                 "below_source": below, "segments": len(seg),
             })
-        out[_stream_label(key)] = rows
+        out[label] = rows
     return out
 
 

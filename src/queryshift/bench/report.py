@@ -6,6 +6,7 @@ import os
 
 from ..engine import write_json
 from ..runinfo import git_commit, versions
+from .continual import continual_summary, continual_table, group_streams, plot_continual
 from .plots import plot_table
 from .tables import metric_slug, render_table, table_metrics
 
@@ -16,6 +17,18 @@ def read_notes(path: str) -> str:
             return f.read().strip()
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8") from None
+
+
+def _streams_section(table: str, records: list[dict], report_dir: str, prefix: str) -> list[str]:
+    """For the table's stream runs: R@1 along each stream against ``source`` (a plot) and the table of stream
+    R@1, forgetting after the stream and segments below source."""
+    parts = []
+    groups = group_streams(records)
+    for k, (label, rows) in enumerate(continual_summary(records).items()):
+        png = f"{prefix}{table}-along-{k}.png"
+        plot_continual(groups[label], f"{table}: {label}", os.path.join(report_dir, png))
+        parts += [f"### Along the stream: {label}", "", continual_table(rows), "", f"![{label}]({png})", ""]
+    return parts
 
 
 def report(tables, records, out: str, title: str, command: str, report_path: str | None = None,
@@ -39,6 +52,7 @@ def report(tables, records, out: str, title: str, command: str, report_path: str
             png = f"{prefix}{name}.png"
             plot_table(grid, f"{t['name']} ({metric})", os.path.join(report_dir, png))
             parts += ([f"**{metric}**", ""] if n else []) + [md, "", f"![{name}]({png})", ""]
+        parts += _streams_section(t["name"], [r for r in records if r.get("table") == t["name"]], report_dir, prefix)
     text = "\n".join(parts)
     os.makedirs(report_dir, exist_ok=True)
     with open(report_path, "w", encoding="utf-8") as f:
