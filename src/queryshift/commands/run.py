@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from ..engine import RunConfig, format_table, run
 from ..methods.hparams import RawText
@@ -14,6 +15,16 @@ def _hparam(text: str):
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, RawText(value)  # typed by the method's hparam_spec (a string hparam keeps "off" as text)
+
+
+def lr_help() -> str:
+    """The --lr help, from the rates a run resolves (``models.protocol_lr``), so that it says what runs record."""
+    from .. import models
+
+    chosen = "; ".join(f"{rate:g} for {model}" for model, rate in models.PROTOCOL_LR.items())
+    return (f"learning rate (default: the backbone's protocol rate, recorded in result.json: {chosen}; "
+            f"{models.spec_default_lr('hf-blip', True):g} for BLIP text queries; "
+            f"{models.spec_default_lr('', False):g} otherwise)")
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -31,7 +42,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="optimisation steps per batch (default 3)")
     g.add_argument("--record", choices=["first", "last"], help="record the first or last step's scores (default last)")
     g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], help="default adamw")
-    g.add_argument("--lr", type=float, help="learning rate (default 3e-4; 3e-5 for BLIP text queries)")
+    g.add_argument("--lr", type=float, help=lr_help())
     g.add_argument("--weight-decay", dest="weight_decay", type=float, help="default 1e-4")
     g.add_argument("--hparam", action="append", type=_hparam, metavar="KEY=VALUE",
                    help="method hyper-parameter, repeatable (e.g. --hparam tau=0.01)")
@@ -125,4 +136,7 @@ def main(args: argparse.Namespace) -> int:
               f"({f['r1_after']:.2f} vs {f['r1_source']:.2f})")
     if args.out:
         print(f"wrote {args.out}/result.json")
+    else:
+        print("queryshift run: note: no --out given, so nothing was written; pass --out DIR to keep result.json, "
+              "the per-batch log and a checkpoint", file=sys.stderr)
     return 0

@@ -8,6 +8,7 @@ import os
 import torch
 from torch import nn
 
+from ._net import hub_url, reachable
 from .base import DualEncoder, WeightsNotFoundError, square_transform
 
 
@@ -21,6 +22,12 @@ def from_pretrained(cls, spec: str, backend: str, device: str):
     looks_like_path = os.path.isabs(path) or spec.startswith((".", "~")) or spec.count("/") > 1
     if not local and looks_like_path:
         raise WeightsNotFoundError(f"model directory not found: {path} (model '{backend}:{spec}')")
+    if not local and not _cached(spec) and not reachable(hub_url(spec, "config.json")):
+        # the hub client would retry for about a minute and then print a page of causes
+        raise WeightsNotFoundError(
+            f"'{backend}:{spec}' is not in the local Hugging Face cache (HF_HOME) and the hub cannot be reached; "
+            f"download it where there is internet (huggingface-cli download {spec} --local-dir DIR) and pass "
+            f"--model {backend}:DIR")
     try:
         model = cls.from_pretrained(path if local else spec)
         tokenizer = AutoTokenizer.from_pretrained(path if local else spec)
@@ -34,6 +41,15 @@ def from_pretrained(cls, spec: str, backend: str, device: str):
             f"(or copy the hub cache, HF_HOME, and keep --model {backend}:<hub id>)."
         ) from err
     return model.to(device).eval(), tokenizer
+
+
+def _cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id: the loader says so
+        return True
 
 
 class HFDualEncoder(DualEncoder):

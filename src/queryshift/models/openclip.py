@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._net import hub_url, reachable
 from .base import CLIP_MEAN, CLIP_STD, DualEncoder, WeightsNotFoundError, l2_normalize, square_transform
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -77,6 +78,34 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
     return arch, (None if tag == "random" else tag), None
 
 
+def _hub_file(pretrained_cfg: dict) -> tuple[str, list[str]]:
+    """(hub repo id, candidate file names) of a pretrained tag, as open_clip's ``download_pretrained`` reads them."""
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    repo, filename = os.path.split(pretrained_cfg.get("hf_hub", ""))
+    return repo, [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+
+
+def _weights_cached(pretrained_cfg: dict) -> bool:
+    """Whether the weights of a pretrained tag are on disk already (then no network is needed)."""
+    if "file" in pretrained_cfg:
+        return os.path.isfile(pretrained_cfg["file"])
+    if pretrained_cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, names = _hub_file(pretrained_cfg)
+        return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+    url = pretrained_cfg.get("url", "")
+    return bool(url) and os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+
+
+def _source_url(pretrained_cfg: dict) -> str:
+    if pretrained_cfg.get("hf_hub"):
+        repo, names = _hub_file(pretrained_cfg)
+        return hub_url(repo, names[0])
+    return pretrained_cfg.get("url", "")
+
+
 def load(spec: str, device: str = "cpu") -> OpenCLIPEncoder:
     open_clip = _open_clip()
     arch, tag, path = parse_spec(spec)
@@ -90,18 +119,21 @@ def load(spec: str, device: str = "cpu") -> OpenCLIPEncoder:
     if tag is not None and tag not in open_clip.list_pretrained_tags_by_model(arch):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
         raise ValueError(f"unknown pretrained tag {tag!r} for {arch}; available: {tags}")
+    how = (f"download them where there is internet (they land in the Hugging Face cache, HF_HOME) or give a "
+           f"local file: --model openclip:{arch}@/path/to/open_clip_model.safetensors")
+    if tag is not None:
+        pretrained_cfg = open_clip.get_pretrained_cfg(arch, tag)
+        # the hub client retries an unreachable host for about a minute: ask once, quickly, before it does
+        if not _weights_cached(pretrained_cfg) and not reachable(_source_url(pretrained_cfg)):
+            raise WeightsNotFoundError(f"pretrained weights {arch}/{tag} are not in the local cache and their "
+                                       f"server cannot be reached; {how}")
     try:
         model = open_clip.create_model(arch, pretrained=path or tag, device=device, precision="fp32")
     except Exception as err:  # network errors surface as many exception types inside hub clients
         if tag is None:
             raise
-        raise WeightsNotFoundError(
-            f"could not load pretrained weights '{tag}' for {arch}: {type(err).__name__}: {err}\n"
-            f"open_clip downloads them from the Hugging Face hub on first use. On a machine with internet run\n"
-            f"  python -c \"import open_clip; open_clip.create_model('{arch}', pretrained='{tag}')\"\n"
-            f"and copy the hub cache (HF_HOME) here, or download the .bin/.safetensors file and pass\n"
-            f"  --model openclip:{arch}@/path/to/open_clip_model.safetensors"
-        ) from err
+        cause = " ".join(f"{type(err).__name__}: {err}".split())
+        raise WeightsNotFoundError(f"could not load pretrained weights {arch}/{tag} ({cause[:160]}); {how}") from err
     cfg = open_clip.get_model_config(arch)
     size = cfg["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
