@@ -10,6 +10,7 @@ import pytest
 from tests.helpers import make_karpathy
 
 from lab import cli as lab_cli
+from queryshift.bench import PACKAGE_SUITES
 from queryshift.cli import build_parser
 from queryshift.commands import bench
 from queryshift.commands.run import config_from_args
@@ -31,7 +32,7 @@ def lab_env(monkeypatch):
 
 def test_lab_holds_the_research_suites_and_the_package_the_user_suites():
     assert len(LAB_SUITES) >= 10 and all(("rest" in n or n.startswith("validation-")) for n in LAB_SUITES)
-    shipped = {f[:-5] for f in os.listdir(bench.PACKAGE_SUITES) if f.endswith(".yaml")}
+    shipped = {f[:-5] for f in os.listdir(PACKAGE_SUITES) if f.endswith(".yaml")}
     assert not shipped & set(LAB_SUITES) and {"synthetic", "synthetic-cir", "coco-c-i2t-blip-base"} <= shipped
 
 
