@@ -23,6 +23,7 @@ from queryshift.methods.components import (
     index_batch,
     source_like_indicator,
 )
+from queryshift.plainstate import allow_state_class
 
 
 def concat_inputs(a, b):
@@ -36,6 +37,7 @@ def concat_inputs(a, b):
     return torch.cat([a, b])
 
 
+@allow_state_class
 class AnchorStore:
     """The raw inputs of the ``size`` most source-like queries (TCR's indicator) seen at step 0 of the
     first ``warmup`` batches, with their candidates and source-time embeddings (REST's K2 knowledge
@@ -67,6 +69,7 @@ class AnchorStore:
         self.indicator, self.q, self.g = (t[keep] for t in new[1:])
 
 
+@allow_state_class
 class GradientSubspace:
     """Protected gradient directions, as GPM in continual learning (REST's K4 knowledge objective).
 
@@ -114,6 +117,7 @@ class GradientSubspace:
         return out
 
 
+@allow_state_class
 class DiagonalFisher:
     """Diagonal Fisher information of the source-like queries' predictions (REST's K5 knowledge objective, as EWC).
 
@@ -153,6 +157,7 @@ class DiagonalFisher:
         return grads, 0.5 * float(torch.stack([(g * d).sum() for g, d in zip(grads, deltas)]).sum())
 
 
+@allow_state_class
 class SampledFisher(BlockFisher):
     """:class:`BlockFisher` with ``full=True``: ``F = U^T U / n`` over all adapted parameters together, so it keeps
     how the LayerNorms of different layers act together on the predictions (rank at most n); ``full=False`` is

@@ -43,7 +43,9 @@ def test_every_lab_suite_loads_validates_and_plans(name, lab_env, tmp_path, monk
     _, labelled, _, _ = suite_runs(path)
     for _labels, run in labelled:
         RunConfig.from_dict(run, source=path)  # method and hyper-parameters validated (rest-design's too)
-    assert {"source"} <= {r["method"] for r in runs}
+    methods = {r["method"] for r in runs}
+    assert "source" in methods or methods == {"rest"}  # a comparison has its reference (validation-rates-rest
+    # completes validation-lr, whose source row is in lab/experiments/validation-lr.json)
     monkeypatch.chdir(tmp_path)  # found by name through QUERYSHIFT_SUITES
     tables = bench.plan(build_parser().parse_args(["bench", "--suite", name, "--out", "unused"]))
     assert tables and tables[0]["runs"]

@@ -5,7 +5,8 @@ ordinary ``torch.load`` unpickles whatever a planted file names, which can run a
 therefore read with ``torch.load(weights_only=True)`` (tensors, dicts, lists, tuples, numbers, strings)
 and written in that vocabulary: a method's helper objects (its queue, subspace, Fisher estimate) become a
 tagged dict of their attributes (:func:`to_plain`) and are rebuilt by :func:`from_plain` without calling
-any of their code, for classes of :mod:`queryshift.methods` only.
+any of their code, for classes of :mod:`queryshift.methods` and classes a plug-in allowed by name with
+:func:`allow_state_class` (a lab method's helper objects), never for a class a file merely names.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ _SCALARS = (type(None), bool, int, float, str, bytes)
 _TORCH_VALUES = (torch.Tensor, torch.Size, torch.dtype, torch.device)
 
 
+# "module:qualname" -> class: helper classes outside queryshift.methods that a plug-in allowed explicitly
+_ALLOWED_CLASSES: dict[str, type] = {}
+
+
+def allow_state_class(cls: type) -> type:
+    """Let state files hold instances of ``cls`` (a plug-in method's helper object); usable as a decorator."""
+    if not isinstance(cls, type) or hasattr(cls, "__slots__"):
+        raise TypeError(f"{cls!r}: only classes with a __dict__ can be stored in state files")
+    _ALLOWED_CLASSES[f"{cls.__module__}:{cls.__qualname__}"] = cls
+    return cls
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 class UnsafeStateError(ValueError):
     """A state file that is not one this package wrote (refused, never executed)."""
 
@@ -44,14 +61,16 @@ def to_plain(obj: Any, where: str = "state") -> Any:
                 raise TypeError(f"{where}: key {key!r} of type {type(key).__name__} cannot be stored")
         return type(obj)((k, to_plain(v, f"{where}.{k}")) for k, v in obj.items())
     cls = type(obj)
-    if cls.__module__.startswith(ALLOWED_PACKAGE + ".") and hasattr(obj, "__dict__") \
-            and not hasattr(cls, "__slots__"):
-        return {OBJECT_TAG: f"{cls.__module__}:{cls.__qualname__}", "attrs": to_plain(vars(obj), where)}
+    allowed = cls.__module__.startswith(ALLOWED_PACKAGE + ".") or _ALLOWED_CLASSES.get(_class_name(cls)) is cls
+    if allowed and hasattr(obj, "__dict__") and not hasattr(cls, "__slots__"):
+        return {OBJECT_TAG: _class_name(cls), "attrs": to_plain(vars(obj), where)}
     raise TypeError(f"{where}: a {cls.__module__}.{cls.__qualname__} cannot be stored in a state file "
                     f"(tensors, plain containers and {ALLOWED_PACKAGE} objects only)")
 
 
 def _allowed_class(name: Any) -> type:
+    if isinstance(name, str) and name in _ALLOWED_CLASSES:  # allowed by a plug-in already imported: no import
+        return _ALLOWED_CLASSES[name]
     module_name, _, qualname = str(name).partition(":")
     if not module_name.startswith(ALLOWED_PACKAGE + ".") or not qualname.isidentifier():
         raise UnsafeStateError(f"names the class {name!r}, which is not a {ALLOWED_PACKAGE} class")
