@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from ..engine import RunConfig, run, settings_changed
+from ..userfiles import open_regular, parse_json
 from .tables import RECORD_KEYS
 
 
@@ -41,8 +42,8 @@ def run_one(cfg: RunConfig, directory: str, threads: int | None) -> dict[str, An
     result_path = os.path.join(directory, "result.json")
     if os.path.exists(result_path):
         try:
-            with open(result_path, encoding="utf-8") as f:
-                result = json.load(f)
+            with open_regular(result_path, encoding="utf-8") as f:
+                result = parse_json(lambda: json.load(f), result_path)
             result["config"].get  # noqa: B018 - a finished run's result holds its config
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{result_path}: not a readable result ({type(err).__name__}: {err}); remove that "
@@ -106,9 +107,9 @@ def log_means(directory: str) -> dict[str, float]:
     values: dict[str, list[float]] = {}
     path = os.path.join(directory, "log.jsonl")
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, encoding="utf-8") as f:
             for line in f:
-                for k, v in json.loads(line).items():
+                for k, v in parse_json(lambda line=line: json.loads(line), path).items():
                     if k not in ("batch", "n", "seconds") and isinstance(v, (int, float)) and not isinstance(v, bool):
                         values.setdefault(k, []).append(float(v))
     return {k: sum(v) / len(v) for k, v in values.items()}

@@ -6,6 +6,7 @@ import os
 
 from ..engine import write_json
 from ..runinfo import git_commit, versions
+from ..userfiles import open_regular
 from .continual import continual_summary, continual_table, group_streams, plot_continual
 from .plots import plot_table
 from .tables import metric_slug, render_table, table_metrics
@@ -13,7 +14,7 @@ from .tables import metric_slug, render_table, table_metrics
 
 def read_notes(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, encoding="utf-8") as f:
             return f.read().strip()
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8") from None

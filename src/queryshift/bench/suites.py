@@ -17,8 +17,8 @@ def suite_dirs() -> list[str]:
 
 
 def suite_path(name: str) -> str:
-    if os.path.isfile(name):
-        return name
+    if os.path.isfile(name) or (os.path.exists(name) and not os.path.isdir(name)):
+        return name  # a pipe or device is named by the reader's refusal, not taken for a missing suite
     for folder in suite_dirs():
         path = os.path.join(folder, f"{name}.yaml")
         if os.path.isfile(path):
@@ -30,11 +30,9 @@ def suite_path(name: str) -> str:
 
 
 def _read(path: str) -> dict:
-    import yaml
+    from ..configs import read_yaml  # a pipe, deep nesting or an alias bomb is refused before it is read
 
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    return data if isinstance(data, dict) else {}
+    return read_yaml(path)
 
 
 def grid_size(path: str) -> int:

@@ -131,6 +131,8 @@ def validate_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
                 out[key] = yaml.safe_load(value) if isinstance(value, RawText) else value
         except ValueError as err:
             raise ValueError(f"method {cls.name!r}: hyper-parameter {err}") from None
+        except RecursionError:
+            raise ValueError(f"method {cls.name!r}: hyper-parameter {key}: value nested too deeply to read") from None
     return out
 
 
