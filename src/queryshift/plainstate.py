@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .atomic import save_torch
+from .userfiles import open_regular
 
 OBJECT_TAG = "__queryshift_object__"
 ALLOWED_PACKAGE = "queryshift.methods"
@@ -109,7 +110,8 @@ def load(path: str, map_location: str = "cpu") -> Any:
     """What :func:`save` wrote to ``path``. A file holding anything else (code, other objects, or not a
     torch file at all) raises :class:`UnsafeStateError` naming it; nothing in it is run."""
     try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
+        with open_regular(path, "rb", error=UnsafeStateError) as f:  # a pipe planted there must not block
+            raw = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         detail = str(err.__context__ or err)
         found = re.search(r"GLOBAL (\S+)", detail)

@@ -26,6 +26,7 @@ from typing import Any
 from .. import plainstate
 from ..atomic import open_append, write_text
 from ..locks import LOCK_NAME, ExclusiveLock
+from ..userfiles import open_regular, parse_json
 from .config import RunConfig, settings_changed
 from .report import json_line, write_json
 
@@ -48,14 +49,14 @@ def _looks_like_a_run(out: str, entries: set[str]) -> bool:
         return True
     try:
         if "log.jsonl" in entries:
-            with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
+            with open_regular(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
                 first = f.readline()
             if not first.strip() or isinstance(json.loads(first).get("batch"), int):
                 return True
         if "result.json" in entries:
-            with open(os.path.join(out, "result.json"), encoding="utf-8") as f:
+            with open_regular(os.path.join(out, "result.json"), encoding="utf-8") as f:
                 return isinstance(json.load(f).get("config"), dict)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # a pipe, deep JSON: not a run of ours
         return False
     return False
 
@@ -88,10 +89,10 @@ def read_log(path: str, upto_batch: int) -> list[dict]:
     """Log lines of batches < upto_batch (lines past the last checkpoint are dropped on resume)."""
     rows = []
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, encoding="utf-8", error=RunDirError) as f:
             for line in f:
                 try:
-                    row = json.loads(line)
+                    row = parse_json(lambda line=line: json.loads(line), path, RunDirError)
                 except json.JSONDecodeError:  # a line cut by a kill mid-write
                     break
                 if not isinstance(row, dict) or not isinstance(row.get("batch"), int):
@@ -183,8 +184,10 @@ class RunDir:
 
     def _load_result(self) -> dict[str, Any]:
         try:
-            with open(self.result_path, encoding="utf-8") as f:
-                saved = json.load(f)
+            with open_regular(self.result_path, encoding="utf-8", error=RunDirError) as f:
+                saved = parse_json(lambda: json.load(f), self.result_path, RunDirError)
+        except RunDirError:
+            raise
         except (ValueError, OSError) as err:
             raise RunDirError(f"{self.result_path}: unreadable ({err}); move it away or pass --overwrite") from err
         if not isinstance(saved, dict):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_text
 from ..locks import ExclusiveLock
+from ..userfiles import open_regular
 
 IDENTITY = ("model", "model_digest", "preprocess", "dataset_digest", "modality", "max_words")
 
@@ -39,9 +40,9 @@ class EmbeddingStore:
 
     def manifest(self) -> dict | None:
         try:
-            with open(self.manifest_path, encoding="utf-8") as f:
+            with open_regular(self.manifest_path, encoding="utf-8") as f:
                 return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, ValueError, RecursionError):  # absent, damaged, a pipe: rebuilt, never read
             return None
 
     def _write_manifest(self, manifest: dict) -> None:
