@@ -277,3 +277,11 @@ def test_forgetting_on_clean_composed_queries(tmp_path):
     source = run(RunConfig(model=MODEL, data="shapes-cir:test:16", direction="c2i", batch_size=8,
                            cache_dir=str(tmp_path), progress=False))
     assert f["r1_source"] == source["r1"]  # clean queries, source parameters, reference excluded alike
+
+
+def test_train_combiner_refuses_an_existing_out_before_any_work(tmp_path, capsys):
+    out = tmp_path / "comb.pt"
+    out.write_bytes(b"the user's combiner")
+    code = cli_main(["train-combiner", "--data", "shapes-cir:train:40", "--out", str(out), "--no-progress"])
+    assert code == 2 and out.read_bytes() == b"the user's combiner"
+    assert "comb.pt exists; pass --overwrite" in capsys.readouterr().err

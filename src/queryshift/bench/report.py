@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..atomic import write_text
 from ..engine import write_json
 from ..runinfo import git_commit, versions
 from ..userfiles import open_regular
@@ -56,8 +57,7 @@ def report(tables, records, out: str, title: str, command: str, report_path: str
         parts += _streams_section(t["name"], [r for r in records if r.get("table") == t["name"]], report_dir, prefix)
     text = "\n".join(parts)
     os.makedirs(report_dir, exist_ok=True)
-    with open(report_path, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_text(report_path, text)  # atomic, and never through a link planted at the report's path
     write_json(os.path.join(out, "results.json"), {
         "command": command, "git_commit": commit, "versions": versions(), "runs": records,
         "tables": {n: {"metric": g["metric"], "averages": g["averages"]} for n, g in grids.items()},

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from ..atomic import write_text
 from ..models.composed import SHIPPED_COMBINERS
 
 DEFAULT_OUT = SHIPPED_COMBINERS["shapes-cir"][1]
@@ -64,6 +65,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dropout", type=float, default=0.1, help="default 0.1")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order (default 0)")
     p.add_argument("--out", default=DEFAULT_OUT, help="combiner file (default: the shipped shapes-cir asset)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing combiner at --out (and its .json); without it one is refused")
     p.add_argument("--cache-dir", dest="cache_dir", help="embedding cache (default ~/.cache/queryshift)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
@@ -197,6 +200,11 @@ def main(args) -> int:
     from ..models import load_model
     from ..models.composed import GatedCombiner, SumComposer, save_combiner
 
+    for path in (args.out, os.path.splitext(args.out)[0] + ".json"):  # before any work: nothing is lost later
+        if os.path.isdir(path):
+            raise ValueError(f"--out {path} is a directory; give the combiner's file name")
+        if os.path.lexists(path) and not args.overwrite:
+            raise ValueError(f"--out: {path} exists; pass --overwrite to replace the combiner and its .json")
     if args.steps is not None and args.epochs is not None:
         raise ValueError(f"give --steps or --epochs, not both (got --steps {args.steps} --epochs {args.epochs})")
     if args.steps is not None and args.steps < 1:
@@ -243,8 +251,7 @@ def main(args) -> int:
         "seconds_embeddings": round(t_embed, 1), "seconds_training": round(t_train, 1),
     }
     save_combiner(combiner, args.out, meta)
-    with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as f:
-        json.dump({**meta, "hparams": combiner.hparams()}, f, indent=2)
+    write_text(os.path.splitext(args.out)[0] + ".json", json.dumps({**meta, "hparams": combiner.hparams()}, indent=2))
     print(f"wrote {args.out}: {args.data} -> {args.val_data} clean R@1/5/10/50 "
           + "/".join(f"{val_metrics[k]:.2f}" for k in ("r1", "r5", "r10", "r50"))
           + " (sum composer: " + "/".join(f"{sum_metrics[k]:.2f}" for k in ("r1", "r5", "r10", "r50")) + ")"
