@@ -385,6 +385,7 @@ def test_run_with_skip_bad_images_skips_a_fifo_image(karpathy, fifo, tmp_path, c
     result = json.loads((tmp_path / "r" / "result.json").read_text())
     assert result["n_queries"] == 7 and len(result["skipped_items"]) == 1
     assert "5.jpg" in result["skipped_items"][0] and "FIFO" in result["skipped_items"][0]
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err  # said at the time, not only in the file
 
 
 @pytest.mark.parametrize("option,name", [("--data", "ann.json"), ("--data", "pairs.csv"),

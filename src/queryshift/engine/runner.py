@@ -117,6 +117,9 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     bad_items: list[str] = []
     if cfg.skip_bad_images:
         dataset, bad_items = skip_bad_images(dataset, cfg.progress)
+        if bad_items and distributed.is_main():
+            warn(f"--skip-bad-images: skipped {len(bad_items)} unreadable image(s), e.g. {bad_items[0]}; all are "
+                 f"listed under skipped_items in result.json")
     warnings = setting_warnings(cfg, dataset) if main_rank else []
     model = load_source(cfg.model, cfg.seed, cfg.device)
     weights = weights_digest(model)  # before any adaptation: which source weights this run started from
