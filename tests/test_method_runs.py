@@ -99,7 +99,7 @@ def load(spec, device="cpu"):  # the "oracle:" backend
 
 
 @pytest.mark.parametrize("direction,n_queries", [("i2t", 7), ("t2i", 21)])
-def test_oracle_model_retrieves_perfectly_through_shuffled_batches(tmp_path, monkeypatch, direction, n_queries):
+def test_oracle_model_retrieves_perfectly_through_shuffled_batches(tmp_path, request, direction, n_queries):
     path = make_karpathy(tmp_path / "data", n_images=7, captions=3)
     data = (path, str(tmp_path / "data"))
     dataset = load_dataset(path, data[1])
@@ -108,7 +108,8 @@ def test_oracle_model_retrieves_perfectly_through_shuffled_batches(tmp_path, mon
         image_of_text={pre_caption(t, 30): dataset.txt2img[j][0] for j, t in enumerate(dataset.texts)},
         n=7,
     )
-    monkeypatch.setitem(models.BACKENDS, "oracle", "tests.test_method_runs")
+    models.register_backbone("oracle", "tests.test_method_runs:load")  # the public extension point
+    request.addfinalizer(lambda: models.unregister_backbone("oracle"))
     # batches of 4: shuffled order, last batch of 3 (i2t) or 1 (t2i)
     result = run(_cfg(data, tmp_path, model="oracle:x", direction=direction, batch_size=4, method="source"))
     assert result["n_queries"] == n_queries
