@@ -73,7 +73,7 @@ def test_corrupt_and_missing_image_named(tmp_path):
 
 
 def test_flat_basename_fallback(tmp_path):
-    """MM_Robustness writes corrupted images flat as <basename>.jpg (spec §4.2)."""
+    """MM_Robustness writes corrupted images flat as <basename>.jpg."""
     ds = load_karpathy(make_karpathy(tmp_path, n_images=1), str(tmp_path))
     ds.images[0] = "val2014/nested/0.png"
     ds.image_root = str(tmp_path / "img")

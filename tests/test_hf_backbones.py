@@ -145,7 +145,7 @@ def test_adaptable_layernorms_follow_spec(tiny_dirs, backend, which):
         out = model.encode_text(model.tokenize(CAPTIONS[:2]))
     out.sum().backward()
     grads = {n for n, p in model.adaptable_parameters(which) if p.grad is not None and p.grad.abs().sum() > 0}
-    # BLIP's cross-attention LNs are collected but get no gradient in the unimodal text pass (spec §1.3)
+    # BLIP's cross-attention LNs are collected but get no gradient in the unimodal text pass
     assert grads == {n for n in params if "crossattention" not in n}
 
 

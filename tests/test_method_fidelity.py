@@ -471,7 +471,7 @@ def test_state_dict_resume_equals_the_uninterrupted_run(tiny, name):
         assert not torch.equal(expected["generator"], torch.Generator().manual_seed(0).get_state())
 
 
-# -- the LayerNorm selection of the open_clip backbone (spec §1.3) -------------------------------------
+# -- the LayerNorm selection of the open_clip backbone -------------------------------------
 
 
 def test_openclip_layernorm_selection_is_spec_1_3(tiny):

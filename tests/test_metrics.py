@@ -1,4 +1,4 @@
-"""Metrics against cases computed by hand (spec §1.10)."""
+"""Metrics against cases computed by hand."""
 
 import numpy as np
 import pytest

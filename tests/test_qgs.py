@@ -1,4 +1,4 @@
-"""Query-gallery-shift loaders (spec §4.3) on fixture files written here."""
+"""Query-gallery-shift loaders on fixture files written here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retrieval metrics as small pure functions (spec §1.10).
+"""Retrieval metrics as small pure functions.
 
 The engine turns each batch's scores into per-query ranks at once (:func:`batch_ranks`), so memory stays
 bounded by batch x gallery; the final metrics only need the per-query best rank and average precision.

@@ -1,6 +1,6 @@
 """``queryshift corrupt``: write COCO-C / Flickr-C style corrupted copies of a Karpathy-split dataset.
 
-The layout is the one TCR's configs and benchmark users expect (spec §4.2):
+The layout is the one TCR's configs and benchmark users expect:
 
 * image corruptions: ``<out>/<Prefix>_IP_<name>_<severity>/<image path from the JSON>``, saved as JPEG q95
   like MM_Robustness's ``cv2.imwrite`` (so jpeg_compression is compressed twice there too);

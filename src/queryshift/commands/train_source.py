@@ -76,7 +76,7 @@ def add_parser(subparsers) -> None:
 
 @torch.no_grad()
 def evaluate_clean(model, dataset, batch_size: int = 250) -> dict[str, dict[str, float]]:
-    """Clean R@1/5/10 and mAP of a DualEncoder in both directions (spec §1.10), via its own preprocessing."""
+    """Clean R@1/5/10 and mAP of a DualEncoder in both directions, via its own preprocessing."""
     from ..engine import encode_all
     from ..metrics import batch_ranks, retrieval_metrics
 

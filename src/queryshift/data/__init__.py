@@ -24,7 +24,7 @@ DATASETS = {
     "shapes-cir": _lazy(".shapes_cir", "load_shapes_cir"),
     "cirr": _lazy(".cirr", "load_cirr"),  # ARG = <root>[:train|:val]
     "fashioniq": _lazy(".fashioniq", "load_fashioniq"),  # ARG = <root>:<dress|shirt|toptee>[:split]
-    # query-gallery shift (spec §4.3): ARG = annotation file or dataset root
+    # query-gallery shift: ARG = annotation file or dataset root
     "nocaps_in": _lazy(".qgs", "load_nocaps_in"),
     "nocaps_near": _lazy(".qgs", "load_nocaps_near"),
     "nocaps_out": _lazy(".qgs", "load_nocaps_out"),

@@ -1,4 +1,4 @@
-"""Loaders for Karpathy-split JSON (COCO, Flickr30K) and generic JSONL/CSV files (spec §4.2)."""
+"""Loaders for Karpathy-split JSON (COCO, Flickr30K) and generic JSONL/CSV files."""
 
 from __future__ import annotations
 

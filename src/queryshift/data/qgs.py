@@ -1,6 +1,6 @@
-"""Query-gallery-shift datasets in the TCR formats (spec §4.3): Nocaps, Fashion-Gen, CUHK-PEDES, ICFG-PEDES.
+"""Query-gallery-shift datasets in the TCR formats: Nocaps, Fashion-Gen, CUHK-PEDES, ICFG-PEDES.
 
-``--data NAME[:ARG]``: ARG is the annotation file or the dataset root; without it the spec's layout under
+``--data NAME[:ARG]``: ARG is the annotation file or the dataset root; without it the TCR code's layout under
 ``./dataset`` is assumed. Without ``--image-root`` images are looked up where the TCR layout puts them,
 relative to the dataset root.
 

@@ -1,4 +1,4 @@
-"""Retrieval datasets: images + texts + many-to-many relevance (spec §4)."""
+"""Retrieval datasets: images + texts + many-to-many relevance."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class DataError(ValueError):
 
 
 def pre_caption(caption, max_words: int = 30) -> str:
-    """TCR/BLIP caption cleaning (spec §4.1): lowercase, punctuation to spaces, truncate to ``max_words``."""
+    """TCR/BLIP caption cleaning: lowercase, punctuation to spaces, truncate to ``max_words``."""
     if isinstance(caption, (list, tuple)):
         caption = " ".join(caption)
     caption = _PUNCT.sub(" ", caption.lower())
@@ -72,7 +72,7 @@ class RetrievalDataset:
             return self.image_loader(i)
         path = self.image_path(i)
         if not os.path.exists(path) and self.image_root:
-            # MM_Robustness writes corrupted images flat as <basename>.jpg (spec §4.2)
+            # MM_Robustness writes corrupted images flat as <basename>.jpg
             flat = os.path.join(self.image_root, os.path.splitext(os.path.basename(self.images[i]))[0] + ".jpg")
             if os.path.exists(flat):
                 path = flat

@@ -32,7 +32,7 @@ class RunConfig:
     batch_size: int = 64
     seed: int = 42
     steps: int = 3
-    record: str = "last"  # scores of the first or the last step's forward (spec §1.8)
+    record: str = "last"  # scores of the first or the last step's forward
     optimizer: str = "adamw"
     lr: float | None = None  # None: the backbone's protocol rate (models.protocol_lr), recorded when the run starts
     weight_decay: float = 1e-4
@@ -133,7 +133,7 @@ def _defaults() -> dict[str, Any]:
 
 
 def _saved_lr(saved: dict[str, Any]) -> float:
-    """The rate a saved run used: runs saved before rates were recorded (``lr: null``) ran at the spec's default."""
+    """The rate a saved run used: runs saved before rates were recorded (``lr: null``) ran at the paper protocol's default."""
     lr = saved.get("lr")
     if lr is None:
         lr = models.spec_default_lr(str(saved.get("model", "")), saved.get("direction") == "t2i")

@@ -32,7 +32,7 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class AdaptConfig:
-    """Protocol settings shared by all methods (spec §1.4, §1.8). Defaults follow the TCR code."""
+    """Protocol settings shared by all methods. Defaults follow the TCR code."""
 
     steps: int = 3  # optimisation steps per query batch
     record: str = "last"  # which step's forward gives the recorded scores: "first" or "last"
@@ -94,9 +94,9 @@ class Method:
     # -- hooks for subclasses --------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Freeze everything, then unfreeze the query tower's LayerNorm affine parameters (spec §1.3).
+        """Freeze everything, then unfreeze the query tower's LayerNorm affine parameters.
 
-        The model stays in eval mode (spec §1.9): dropout and drop-path are off during adaptation.
+        The model stays in eval mode: dropout and drop-path are off during adaptation.
         """
         self.model.eval()
         self.model.requires_grad_(False)

@@ -18,7 +18,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def square_transform(size: int, mean=CLIP_MEAN, std=CLIP_STD):
     """-> (transform, preprocess_id): square bicubic resize with no crop, then normalisation, as the TCR code
-    preprocesses every backbone (spec §4.1); the id is part of the gallery cache key."""
+    preprocesses every backbone; the id is part of the gallery cache key."""
     tf = transforms.Compose([
         transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.ToTensor(),
@@ -55,7 +55,7 @@ class DualEncoder(nn.Module):
         raise NotImplementedError
 
     def tower(self, which: str) -> nn.Module:
-        """The sub-module whose LayerNorms adapt when ``which`` is the query modality (spec §1.3)."""
+        """The sub-module whose LayerNorms adapt when ``which`` is the query modality."""
         raise NotImplementedError
 
     def extra_adaptable_modules(self, which: str) -> list[tuple[str, nn.Module]]:

@@ -2,10 +2,10 @@
 
 E.g. ``hf-blip:Salesforce/blip-itm-base-coco`` (also ``-large-coco``, ``-base-flickr``, ``-large-flickr``) or
 ``hf-blip:/path/to/dir`` holding a ``save_pretrained`` layout. Embeddings follow the ITC path of
-``BlipForImageTextRetrieval(use_itm_head=False)`` and the TCR code (spec §1.2): image = CLS of the vision
+``BlipForImageTextRetrieval(use_itm_head=False)`` and the TCR code: image = CLS of the vision
 model's last hidden state -> ``vision_proj`` -> L2; text = CLS of the unimodal text encoder -> ``text_proj``
 -> L2. Texts are padded/truncated to 35 BERT tokens; images are resized to the config's square size
-(384 for the released checkpoints) without cropping and normalised with CLIP's mean/std (spec §4.1).
+(384 for the released checkpoints) without cropping and normalised with CLIP's mean/std.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class HFBlipEncoder(HFDualEncoder):
         return l2_normalize(self.model.text_proj(hidden[:, 0, :]))
 
     def tower(self, which: str) -> nn.Module:
-        # spec §1.3: i2t adapts every LN of the ViT (layer_norm1/2 + post_layernorm = BLIP's final `norm`);
+        # the TCR code: i2t adapts every LN of the ViT (layer_norm1/2 + post_layernorm = BLIP's final `norm`);
         # t2i every LN of the BERT text encoder, including the cross-attention LNs, which get no gradient
         return self.model.vision_model if which == "image" else self.model.text_encoder
 

@@ -3,7 +3,7 @@
 E.g. ``hf-clip:openai/clip-vit-base-patch16`` or ``hf-clip:/path/to/dir`` (``save_pretrained`` layout). A second
 path to the zero-shot CLIP of the TCR code besides ``openclip:ViT-B-16/openai``: image = pooled (post-LN CLS)
 -> ``visual_projection`` -> L2; text = EOT token after ``final_layer_norm`` -> ``text_projection`` -> L2; 77
-tokens; square bicubic resize without crop (spec §4.1). Text queries adapt only the LNs of
+tokens; square bicubic resize without crop. Text queries adapt only the LNs of
 ``text_model.encoder`` (TCR's ``transformer``); ``final_layer_norm`` (TCR's ``ln_final``) is opt-in.
 """
 

@@ -1,7 +1,7 @@
 """open_clip backbone: ``openclip:<arch>/<pretrained tag>``, ``openclip:<arch>@<checkpoint>``,
 ``openclip:<arch>/random``.
 
-Preprocessing follows the TCR code (spec §4.1): a square bicubic resize with no crop and CLIP's
+Preprocessing follows the TCR code: a square bicubic resize with no crop and CLIP's
 normalisation, not open_clip's resize-and-centre-crop.
 """
 
@@ -55,7 +55,7 @@ class OpenCLIPEncoder(DualEncoder):
         return l2_normalize(self.model.encode_text(tokens))
 
     def tower(self, which: str) -> nn.Module:
-        # spec §1.3: CLIP t2i adapts only the LNs inside ``transformer``; ``ln_final`` is opt-in
+        # the TCR code: CLIP t2i adapts only the LNs inside ``transformer``; ``ln_final`` is opt-in
         return self.model.visual if which == "image" else self.model.transformer
 
     def extra_adaptable_modules(self, which: str) -> list[tuple[str, nn.Module]]:

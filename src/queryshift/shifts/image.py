@@ -1,4 +1,4 @@
-"""The 16 MM_Robustness image corruptions (COCO-C / Flickr-C, spec §5.1), severities 1-5, and the three
+"""The 16 MM_Robustness image corruptions (COCO-C / Flickr-C), severities 1-5, and the three
 validation corruptions.
 
 Validation corruptions (``VALIDATION_CORRUPTIONS``: gaussian_blur, spatter, saturate) are ImageNet-C's
@@ -13,7 +13,7 @@ MM_Robustness generator anyway (pixelate, elastic_transform, frost cropping, zoo
 glass blur). We only read its bundled frost textures (frost1-5, the ImageNet-C files).
 
 Parameters are MM_Robustness's, in pixels, applied at the image's own resolution. Deviations and quirks of
-the original generator (spec §5.1, §7.3), and what we do about them:
+the original generator, and what we do about them:
 
 * unseeded noise: not reproduced; every draw is seeded per query, so runs are repeatable.
 * pixelate transposes non-square images (cv2 ``dsize=(h, w)``): not reproduced, the output keeps the input

@@ -1,4 +1,4 @@
-"""The 16 MM_Robustness text corruptions (spec §5.2): 6 character-, 5 word- and 5 sentence-level.
+"""The 16 MM_Robustness text corruptions: 6 character-, 5 word- and 5 sentence-level.
 
 Levels. Character- and word-level corruptions take a level 1-7 that sets the rate 0.05 * level (fraction of
 words for nlpaug's ``aug_word_p`` and EDA's alpha / deletion probability). Sentence-level ones have the
