@@ -27,6 +27,10 @@ Everything below is this project's reading of the paper.
 - **consistency term** ``con``: "queue" (hinge to the queue's mean consistency, as ``rest``), "agree"
   (cross-entropy of the prediction toward its raw top-1), "margin" (``-(s_top1 - s_top2)``).
 - ``log_angle``: compute L_know and its gradient for the diagnostics even when nothing uses them.
+- **answers** (issue 26, round 4): "raw" returns ``Q G^T``, as ``rest``; "refined" returns the answers of the
+  adapted queries refined as ``tcr-free`` refines the source's (:func:`components.refine_queries`: expansion about
+  the batch centre by ``answer_scale``, gap correction toward the candidates with REST's own queue gap). Only the
+  answers change: the losses and the update see the raw queries.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from queryshift.methods.rest import REST
 KNOWN_CHOICES = {
     "decouple": ("tensor", "global", "off"), "decouple_after": ("gradient", "optimizer"),
     "know": ("kl", "anchors", "reliable", "subspace", "fisher"), "anchor_loss": ("consistency", "kl"),
-    "con": ("queue", "agree", "margin"), "fisher": ("diag", "block", "full"),
+    "con": ("queue", "agree", "margin"), "fisher": ("diag", "block", "full"), "answers": ("raw", "refined"),
 }
 
 
@@ -54,6 +58,7 @@ class RESTDesign(REST):
         "decouple": "off", "log_angle": False, "decouple_after": "gradient",
         "know": "fisher", "fisher": "block", "n_anchors": 16, "anchor_loss": "consistency",
         "margin_deg": 90.0, "keep": 0.0, "con": "queue", "subspace_energy": 0.9, "subspace_rank": 4,
+        "answers": "raw", "answer_scale": 2.0,
     }
     hparam_spec = {
         **REST.hparam_spec,
@@ -64,6 +69,7 @@ class RESTDesign(REST):
         "margin_deg": HP(float, ge=90, le=180), "keep": HP(float, ge=0, le=1),
         "con": HP(str, choices=KNOWN_CHOICES["con"]),
         "subspace_energy": HP(float, gt=0, le=1), "subspace_rank": HP(int, ge=1),
+        "answers": HP(str, choices=KNOWN_CHOICES["answers"]), "answer_scale": HP(float, gt=0),
     }
     state_attrs = ("queue", "anchors", "subspace", "fisher")
 
@@ -118,6 +124,11 @@ class RESTDesign(REST):
         before = [p.detach().clone() for p in self.params] if after_optimizer else None
         if self.update(loss, info) and after_optimizer:
             self._project_update(before, g_know, info)
+        if hp["answers"] == "refined":
+            with torch.no_grad():
+                refined, refine_info = C.refine_queries(q.detach(), a.g.detach(), self.queue.gap, hp["answer_scale"])
+            info["answer_gap"] = refine_info["gap"]
+            return refined @ self.gallery.T, info
         return scores.detach(), info
 
     def _consistency_term(self, cons, con_ref, reliable, logits, scores, top1):

@@ -126,3 +126,19 @@ def test_rest_design_variants_log_their_diagnostics(tiny, hp):  # noqa: F811
     assert ("l_know" in log and "conflict_frac" in log) == (hp.get("log_angle", True) is not False)
     with pytest.raises(ValueError, match="decouple"):
         make(tiny, "rest-design", "text", hparams={"decouple": "sideways"})
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_refined_answers_without_adaptation_are_tcr_free(tiny, modality):  # noqa: F811
+    """answers=refined refines the adapted queries as tcr-free refines the source's: with the update switched
+    off (learning rate 0) and tcr-free's tau and queue, rest-design's answers are tcr-free's, batch by batch;
+    with answers=raw they are not (the test can fail)."""
+    free = make(tiny, "tcr-free", modality, hparams={"queue_batches": 2})
+    want = [free.step(x)[0] for x in tiny[2][modality] * 2]
+    hp = {"queue_batches": 2, "tau": free.hp["tau"], "answers": "refined", "answer_scale": free.hp["scale"]}
+    refined = make(tiny, "rest-design", modality, hparams=hp, optimizer="sgd", lr=0.0, weight_decay=0.0)
+    got = [refined.step(x)[0] for x in tiny[2][modality] * 2]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))
+    raw = make(tiny, "rest-design", modality, hparams={**hp, "answers": "raw"}, optimizer="sgd", lr=0.0,
+               weight_decay=0.0)
+    assert not all(torch.allclose(a, raw.step(x)[0], atol=1e-5) for a, x in zip(want, tiny[2][modality] * 2))

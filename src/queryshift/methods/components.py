@@ -129,6 +129,21 @@ def modality_gap(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(F.normalize(q, dim=-1).mean(0) - F.normalize(g, dim=-1).mean(0))
 
 
+def refine_queries(q: torch.Tensor, g: torch.Tensor, gap_ref: float | None, scale: float
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """TCR_Untrain's query transform: expand the batch about its centre ``c_q`` by ``scale``, then move it by
+    ``(1 - Delta_ref / Delta_batch) (mean(G~) - c_q)`` toward the candidates (skipped without a reference or
+    when ``Delta_batch`` is 0), re-normalised. Returns (the refined queries, log values)."""
+    gap_batch = float(modality_gap(q, g))
+    centre = q.mean(dim=0)
+    refined = centre + scale * (q - centre)
+    info = {"gap": gap_batch}
+    if gap_ref is not None and gap_batch > 0:
+        refined = refined + (1 - gap_ref / gap_batch) * (g.mean(dim=0) - centre)
+        info["gap_ref"] = gap_ref
+    return F.normalize(refined, dim=-1), info
+
+
 def source_like_indicator(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """TCR's source-like indicator ``2 * ||q_i - g~_i|| - ||q_i - c_q|| - ||g~_i - c_g||`` (smaller = more source-like).
 

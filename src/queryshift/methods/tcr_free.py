@@ -19,7 +19,6 @@ logs zero losses; we log the batch and queue gaps instead.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import components as C
 from .base import Method
@@ -42,11 +41,5 @@ class TCRFree(Method):
         q = self.encode(query_batch)
         g, _ = C.candidates(q @ self.gallery.T, self.gallery)
         self.queue.update(q, g, C.entropy(C.inbatch_logits(q, g, self.hp["tau"])), self.batch_index, step)
-        gap_batch, gap_queue = float(C.modality_gap(q, g)), self.queue.gap
-        centre = q.mean(dim=0)
-        q2 = centre + self.hp["scale"] * (q - centre)
-        info = {"gap": gap_batch, "queue_len": len(self.queue)}
-        if gap_queue is not None and gap_batch > 0:
-            q2 = q2 + (1 - gap_queue / gap_batch) * (g.mean(dim=0) - centre)
-            info["gap_ref"] = gap_queue
-        return F.normalize(q2, dim=-1) @ self.gallery.T, info
+        refined, info = C.refine_queries(q, g, self.queue.gap, self.hp["scale"])
+        return refined @ self.gallery.T, {**info, "queue_len": len(self.queue)}
