@@ -16,7 +16,6 @@ import json
 import os
 
 import numpy as np
-
 from lab.experiments.choose_rates import HERE, _results
 
 MARGIN = 0.3

@@ -133,7 +133,8 @@ def _defaults() -> dict[str, Any]:
 
 
 def _saved_lr(saved: dict[str, Any]) -> float:
-    """The rate a saved run used: runs saved before rates were recorded (``lr: null``) ran at the paper protocol's default."""
+    """The rate a saved run used: runs saved before rates were recorded (``lr: null``) ran at the protocol's
+    default."""
     lr = saved.get("lr")
     if lr is None:
         lr = models.spec_default_lr(str(saved.get("model", "")), saved.get("direction") == "t2i")
