@@ -1,7 +1,7 @@
 """REST design round 4 (issue 26): score the candidates of ``lab/suites/validation-rest-design-4.yaml``.
 
     python -m lab.cli bench --suite validation-rest-design-4 --out runs/validation-rest-design-4
-    python lab/experiments/rest_round4.py runs/validation-rest-design-4
+    python -m lab.experiments.rest_round4 runs/validation-rest-design-4
 
 The rule (written before the runs, in the suite too): score = (S + stream R@1 + clean forgetting) / 2 with S the
 mean R@1 over the five single validation shifts, as in ``choose_rates.py``; the incumbent is the shipped ``rest``
