@@ -4,6 +4,7 @@ import hashlib
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,8 +63,9 @@ def test_test_split_has_1000_clips_and_disjoint_seeds():
 
 def test_clip_is_deterministic_within_and_across_processes():
     assert _digest("test", 7) == _digest("test", 7)
-    code = ("from tests.test_shapes_av import _digest; print(_digest('test', 7))")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = "from tests.test_shapes_av import _digest; print(_digest('test', 7))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parents[1])
     assert other.stdout.strip() == _digest("test", 7)
 
 
@@ -163,6 +165,16 @@ def test_frames_move_and_different_clips_differ_in_both_modalities():
     assert meta != other_meta
     assert np.abs(frames.astype(int) - other_frames.astype(int)).mean() > 1
     assert np.abs(audio - other_audio).mean() > 1e-3
+
+
+def test_caption_names_every_object_and_its_speed():
+    for i in range(10):
+        _, _, meta = clip("test", i)
+        assert ShapesAV("test").caption(i) == meta["caption"]
+        parts = meta["caption"].split(" and ")
+        assert len(parts) == len(meta["objects"])
+        for part, obj in zip(parts, meta["objects"]):
+            assert part.endswith(f"{obj['size']} {obj['colour']} {obj['shape']} moving {obj['speed_word']}")
 
 
 def test_bad_split_or_index_is_a_clear_error():
