@@ -129,25 +129,31 @@ def scene_rng(split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([SPLITS[split][0], index])
 
 
+def sample_background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A light grey, slightly tinted background colour."""
+    grey = rng.uniform(205, 240)
+    return tuple(int(np.clip(grey + rng.uniform(-12, 12), 0, 255)) for _ in range(3))
+
+
+def sample_shape(rng: np.random.Generator, cell: int) -> Shape:
+    """A random object centred near the middle of grid cell ``cell`` (0-8 of the 3x3 grid), inside the canvas."""
+    cell_px = CANVAS / 3
+    size = str(rng.choice(tuple(SIZES)))
+    radius = float(rng.uniform(*SIZES[size]))
+    row, col = divmod(int(cell), 3)
+    x = float(np.clip((col + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
+    y = float(np.clip((row + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
+    colour = str(rng.choice(tuple(COLOURS)))
+    rgb = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[colour])
+    return Shape(str(rng.choice(SHAPES)), colour, size, int(cell), x, y, radius, rgb)
+
+
 def sample_scene(split: str, index: int) -> Scene:
     """The scene of image ``index`` of ``split``; independent of every other index."""
     rng = scene_rng(split, index)
-    grey = rng.uniform(205, 240)
-    background = tuple(int(np.clip(grey + rng.uniform(-12, 12), 0, 255)) for _ in range(3))
+    background = sample_background(rng)
     count = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
-    cells = rng.choice(9, size=count, replace=False)
-    cell_px = CANVAS / 3
-    objects = []
-    for cell in cells:
-        size = str(rng.choice(tuple(SIZES)))
-        radius = float(rng.uniform(*SIZES[size]))
-        row, col = divmod(int(cell), 3)
-        x = float(np.clip((col + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
-        y = float(np.clip((row + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
-        colour = str(rng.choice(tuple(COLOURS)))
-        rgb = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[colour])
-        objects.append(Shape(str(rng.choice(SHAPES)), colour, size, int(cell), x, y, radius, rgb))
-    objects = tuple(objects)
+    objects = tuple(sample_shape(rng, cell) for cell in rng.choice(9, size=count, replace=False))
     return Scene(background, objects, tuple(_captions(objects, rng)))
 
 

@@ -25,7 +25,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.signal import butter, fftconvolve, sosfilt
 
-from .shapes import CANVAS, COLOURS, SHAPES, SIZES, Scene, Shape, articles, render
+from .shapes import (
+    CANVAS,
+    COLOURS,
+    SHAPES,
+    SIZES,
+    Scene,
+    Shape,
+    articles,
+    render,
+    sample_background,
+    sample_shape,
+)
 
 FRAMES = 8
 FRAME_SIZE = 128  # native rendering: twice the models' 64 px input, as shapes renders above it
@@ -116,20 +127,12 @@ def clip_rng(split: str, index: int) -> np.random.Generator:
 
 def sample_clip_scene(rng: np.random.Generator) -> ClipScene:
     """A random clip scene: objects start in distinct cells of the 3x3 grid, as in the shapes world."""
-    grey = rng.uniform(205, 240)
-    background = tuple(int(np.clip(grey + rng.uniform(-12, 12), 0, 255)) for _ in range(3))
+    background = sample_background(rng)
     count = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
-    cell_px = CANVAS / 3
     objects = []
     for cell in rng.choice(9, size=count, replace=False):
-        size = str(rng.choice(tuple(SIZES)))
-        radius = float(rng.uniform(*SIZES[size]))
-        row, col = divmod(int(cell), 3)
-        x = float(np.clip((col + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
-        y = float(np.clip((row + 0.5) * cell_px + rng.uniform(-2.5, 2.5), radius + 1, CANVAS - radius - 1))
-        colour = str(rng.choice(tuple(COLOURS)))
-        rgb = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[colour])
-        shape = Shape(str(rng.choice(SHAPES)), colour, size, int(cell), x, y, radius, rgb)
+        shape = sample_shape(rng, cell)
+        colour = shape.colour
         speed_word = str(rng.choice(tuple(SPEEDS)))
         speed, angle = rng.uniform(*SPEEDS[speed_word]), rng.uniform(0, 2 * np.pi)
         pitch = BASE_PITCH * 2 ** ((PITCH_STEPS[colour] + rng.uniform(-MAX_DETUNE, MAX_DETUNE)) / 12)
