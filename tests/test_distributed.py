@@ -39,15 +39,8 @@ def log_of(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("method, hparams, atol", [
-    ("tcr", {}, 1e-5),
-    ("rest", {"lambda_k": 0.0}, 1e-5),
-    # the default's per-tensor Fisher blocks: every rank scores the queries of its own shard one at a time
-    # during the warm-up and the scores are gathered, so all ranks pull along the one process's direction
-    # (rest-design's projections and full Fisher: lab/tests/test_rest_design_distributed.py)
-    ("rest", {}, 1e-5),
-])
-def test_two_processes_match_one(tmp_path, method, hparams, atol):
+def one_and_two_processes(tmp_path, method, hparams) -> tuple[str, str]:
+    """The same small run (t2i, 15 queries in batches of 5) in one process and over 2 gloo ranks: their out dirs."""
     data = make_karpathy(tmp_path / "data", n_images=8, captions=2)
     # 16 text queries in batches of 5 (the last batch of 1 cannot split: max 15 queries -> 5, 5, 5)
     base = dict(model="openclip:qs-tiny/random", data=data, image_root=str(tmp_path / "data"), direction="t2i",
@@ -57,6 +50,19 @@ def test_two_processes_match_one(tmp_path, method, hparams, atol):
     torch.set_num_threads(1)
     run(RunConfig(**base, out=one))
     mp.spawn(_rank_main, args=(2, free_port(), {**base, "out": two}), nprocs=2, join=True)
+    return one, two
+
+
+@pytest.mark.parametrize("method, hparams, atol", [
+    ("tcr", {}, 1e-5),
+    ("rest", {"lambda_k": 0.0}, 1e-5),
+    # the default's per-tensor Fisher blocks: every rank scores the queries of its own shard one at a time
+    # during the warm-up and the scores are gathered, so all ranks pull along the one process's direction
+    # (rest-design's projections and full Fisher: lab/tests/test_rest_design_distributed.py)
+    ("rest", {}, 1e-5),
+])
+def test_two_processes_match_one(tmp_path, method, hparams, atol):
+    one, two = one_and_two_processes(tmp_path, method, hparams)
     log_one, log_two = log_of(one), log_of(two)
     assert sum("skipped" not in row for row in log_one) >= 2  # the parameters did move
     assert [row["ranks"] for row in log_two] == [row["ranks"] for row in log_one]

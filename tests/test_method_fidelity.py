@@ -154,14 +154,12 @@ def test_tcr_empty_rem_selection_updates_with_the_tcr_codes_gradient(tiny):
     assert any(not torch.equal(p.detach(), before[n]) for n, p in m.named_params)
 
 
-@pytest.mark.parametrize("modality", ["image", "text"])
-def test_rest_without_its_additions_is_tcr(tiny, modality):
-    """rest(lambda_k=0, w_con=0) = tcr: same ranks, losses and parameters, also on a batch with an empty reliable
-    selection."""
+def beside_tcr(tiny, modality, name, hparams):
+    """(ranks, logs, adapted parameters) of ``tcr`` and of ``name`` with ``hparams`` on the tiny batches, the second
+    batch with E_m below every entropy (an empty reliable selection)."""
     runs = {}
-    rest_as_tcr = {"lambda_k": 0.0, "w_con": 0.0}
-    for name, hp in (("tcr", {"queue_batches": 1}), ("rest", {"queue_batches": 1, **rest_as_tcr})):
-        m = make(tiny, name, modality, steps=2, hparams=hp)
+    for method, hp in (("tcr", {"queue_batches": 1}), (name, {"queue_batches": 1, **hparams})):
+        m = make(tiny, method, modality, steps=2, hparams=hp)
         logs, ranks = [], []
         for b, x in enumerate(tiny[2][modality]):
             if b == 1:  # this batch: E_m below every entropy
@@ -170,8 +168,15 @@ def test_rest_without_its_additions_is_tcr(tiny, modality):
             scores, log = m.step(x)
             ranks.append(scores.argsort(dim=1, descending=True))
             logs.append(log)
-        runs[name] = (ranks, logs, adapted(m))
-    (r_t, l_t, p_t), (r_r, l_r, p_r) = runs["tcr"], runs["rest"]
+        runs[method] = (ranks, logs, adapted(m))
+    return runs["tcr"], runs[name]
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_rest_without_its_additions_is_tcr(tiny, modality):
+    """rest(lambda_k=0, w_con=0) = tcr: same ranks, losses and parameters, also on a batch with an empty reliable
+    selection."""
+    (r_t, l_t, p_t), (r_r, l_r, p_r) = beside_tcr(tiny, modality, "rest", {"lambda_k": 0.0, "w_con": 0.0})
     assert l_t[1]["empty_selection"] == l_r[1]["empty_selection"] == 1
     assert all(torch.equal(a, b) for a, b in zip(r_t, r_r))
     assert [x["loss"] for x in l_t] == [x["loss"] for x in l_r]

@@ -3,7 +3,13 @@ act where they say (moved from tests/test_method_fidelity.py and tests/test_meth
 
 import pytest
 import torch
-from tests.test_method_fidelity import _move_away_from_source, adapted, make, tiny  # noqa: F401  (fixture)
+from tests.test_method_fidelity import (  # noqa: F401  (tiny: fixture)
+    _move_away_from_source,
+    adapted,
+    beside_tcr,
+    make,
+    tiny,
+)
 
 import lab  # noqa: F401  (registers rest-design)
 from lab import rest_components as RC
@@ -37,20 +43,8 @@ def test_rest_design_at_its_defaults_is_rest(tiny, modality):  # noqa: F811
 def test_rest_design_without_its_additions_is_tcr(tiny, modality):  # noqa: F811
     """rest-design(decouple=off, lambda_k=0, w_con=0, log_angle=False) = tcr: same ranks, losses and parameters,
     also on a batch with an empty reliable selection."""
-    runs = {}
     as_tcr = {"decouple": "off", "lambda_k": 0.0, "w_con": 0.0, "log_angle": False}
-    for name, hp in (("tcr", {"queue_batches": 1}), ("rest-design", {"queue_batches": 1, **as_tcr})):
-        m = make(tiny, name, modality, steps=2, hparams=hp)
-        logs, ranks = [], []
-        for b, x in enumerate(tiny[2][modality]):
-            if b == 1:  # this batch: E_m below every entropy
-                m.queue.entropy = torch.full_like(m.queue.entropy, -1.0)
-                m.queue._stats = None  # cached until the next push, which this edit bypasses
-            scores, log = m.step(x)
-            ranks.append(scores.argsort(dim=1, descending=True))
-            logs.append(log)
-        runs[name] = (ranks, logs, adapted(m))
-    (r_t, l_t, p_t), (r_r, l_r, p_r) = runs["tcr"], runs["rest-design"]
+    (r_t, l_t, p_t), (r_r, l_r, p_r) = beside_tcr(tiny, modality, "rest-design", as_tcr)
     assert l_t[1]["empty_selection"] == l_r[1]["empty_selection"] == 1
     assert all(torch.equal(a, b) for a, b in zip(r_t, r_r))
     assert [x["loss"] for x in l_t] == [x["loss"] for x in l_r]

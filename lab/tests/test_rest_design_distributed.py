@@ -3,11 +3,7 @@ and final parameters of 1 process. The spawned ranks find rest-design through ``
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from tests.helpers import make_karpathy
-from tests.test_distributed import _rank_main, final_params, free_port, log_of
-
-from queryshift.engine import RunConfig, run
+from tests.test_distributed import final_params, log_of, one_and_two_processes
 
 
 @pytest.mark.parametrize("hparams, atol", [
@@ -20,14 +16,7 @@ from queryshift.engine import RunConfig, run
 ])
 def test_two_processes_match_one(tmp_path, monkeypatch, hparams, atol):
     monkeypatch.setenv("QUERYSHIFT_PLUGINS", "lab")  # inherited by the spawned ranks
-    data = make_karpathy(tmp_path / "data", n_images=8, captions=2)
-    base = dict(model="openclip:qs-tiny/random", data=data, image_root=str(tmp_path / "data"), direction="t2i",
-                method="rest-design", steps=2, batch_size=5, max_queries=15, cache_dir=str(tmp_path / "cache"),
-                progress=False, hparams={"queue_batches": 2, **hparams})
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    torch.set_num_threads(1)
-    run(RunConfig(**base, out=one))
-    mp.spawn(_rank_main, args=(2, free_port(), {**base, "out": two}), nprocs=2, join=True)
+    one, two = one_and_two_processes(tmp_path, "rest-design", hparams)
     log_one, log_two = log_of(one), log_of(two)
     assert sum("skipped" not in row for row in log_one) >= 2  # the parameters did move
     assert [row["ranks"] for row in log_two] == [row["ranks"] for row in log_one]
