@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-TOWERS = ("image", "text")
+TOWERS = ("image", "text")  # the towers of an image-text model; audio-visual models declare their own
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -39,6 +39,8 @@ class DualEncoder(nn.Module):
     """
 
     name: str = "dual-encoder"
+    #: the modalities this model encodes; every ``<query>2<gallery>`` pair of two of them is a direction
+    towers: tuple[str, ...] = TOWERS
     #: free-form description of the image preprocessing; part of the gallery cache key
     preprocess_id: str = ""
 
@@ -65,16 +67,25 @@ class DualEncoder(nn.Module):
     # -- shared helpers -------------------------------------------------------------------------
 
     def encode(self, modality: str, batch: Any) -> torch.Tensor:
+        """``encode_<modality>(batch)`` for one of :attr:`towers`."""
+        if modality not in self.towers:
+            raise ValueError(f"{self.name} has no {modality!r} tower; its towers are {', '.join(self.towers)}")
+        return getattr(self, f"encode_{modality}")(batch)
+
+    def prepare(self, modality: str, item: Any) -> Any:
+        """One raw item -> what a batch stacks (run in loader workers): a PIL image through :meth:`preprocess`,
+        a text as it is (tokenised per batch by :meth:`batch_input`), otherwise ``preprocess_<modality>(item)``
+        (audio: a mono float32 waveform at 16 kHz; video: a uint8 clip [T, H, W, 3])."""
         if modality == "image":
-            return self.encode_image(batch)
+            return self.preprocess(item)
         if modality == "text":
-            return self.encode_text(batch)
-        raise ValueError(f"unknown modality {modality!r}; expected one of {TOWERS}")
+            return item
+        return getattr(self, f"preprocess_{modality}")(item)
 
     def adaptable_layernorms(self, which: str, include_final_ln: bool = False) -> list[tuple[str, nn.Module]]:
         """(qualified name, module) of every LayerNorm that adapts for query modality ``which``."""
-        if which not in TOWERS:
-            raise ValueError(f"unknown tower {which!r}; expected one of {TOWERS}")
+        if which not in self.towers:
+            raise ValueError(f"unknown tower {which!r}; expected one of {self.towers}")
         tower = self.tower(which)
         prefix = _qualified_prefix(self, tower)
         found = [(prefix + n, m) for n, m in tower.named_modules() if isinstance(m, nn.LayerNorm)]
