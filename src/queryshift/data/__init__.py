@@ -20,6 +20,7 @@ def _lazy(module: str, func: str):
 DATASETS = {
     "shapes": _lazy(".shapes", "load_shapes"),
     "shapes-5k": _lazy(".shapes", "load_shapes_5k"),
+    "shapes-av": _lazy(".shapes_av", "load_shapes_av"),  # ARG = [train|val|test][:N] clips
     # composed image retrieval (--direction c2i): the synthetic world, CIRR and FashionIQ
     "shapes-cir": _lazy(".shapes_cir", "load_shapes_cir"),
     "cirr": _lazy(".cirr", "load_cirr"),  # ARG = <root>[:train|:val]

@@ -21,10 +21,13 @@ clip identity). Each clip also has a short caption written from its scene, for a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 from scipy.signal import butter, fftconvolve, sosfilt
 
+from .av import AUDIO_RATE, AV_MODALITIES, AVDataset
+from .retrieval import DataError
 from .shapes import (
     CANVAS,
     COLOURS,
@@ -41,7 +44,7 @@ from .shapes import (
 FRAMES = 8
 FRAME_SIZE = 128  # native rendering: twice the models' 64 px input, as shapes renders above it
 DURATION = 1.0  # seconds, for both the frames and the soundtrack
-SAMPLE_RATE = 16_000
+SAMPLE_RATE = AUDIO_RATE
 SAMPLES = int(DURATION * SAMPLE_RATE)
 
 # split -> (seed, number of clips); seeds differ from every other shapes world's.
@@ -296,3 +299,46 @@ class ShapesAV:
     def caption(self, index: int) -> str:
         self._check(index)
         return caption(clip_scene(self.split, index))
+
+
+# -- the --data loader -------------------------------------------------------------------------
+
+
+def parse_arg(arg: str | None) -> tuple[str, int]:
+    """``None``/"test" -> ("test", 1000); "train:500" -> ("train", 500)."""
+    split, _, count = (arg or "test").partition(":")
+    if split not in SPLITS:
+        raise DataError(f"shapes-av split must be one of {sorted(SPLITS)} (optionally ':N'), got {arg!r}")
+    total = SPLITS[split][1]
+    if count and not count.isdigit():
+        raise DataError(f"shapes-av:{split} takes an optional clip count (shapes-av:{split}:N), got {count!r}")
+    n = int(count) if count else total
+    if not 0 < n <= total:
+        raise DataError(f"shapes-av:{split} has {total} clips; asked for {n}")
+    return split, n
+
+
+def _video(split: str, index: int) -> np.ndarray:
+    return render_frames(clip_scene(split, index))
+
+
+def _audio(split: str, index: int) -> np.ndarray:
+    return synthesize_audio(clip_scene(split, index))[0]
+
+
+def _caption(split: str, index: int) -> str:
+    return caption(clip_scene(split, index))
+
+
+def load_shapes_av(arg: str | None = None, image_root: str | None = None) -> AVDataset:
+    """``--data shapes-av[:train|:val|:test][:N]``: the first N clips of a split (test by default) as video,
+    audio and caption items grouped by clip; each loader draws the clip's scene and renders only its modality."""
+    split, n = parse_arg(arg)
+    # the native sizes are in the (virtual) names, so gallery caches of another rendering are not reused
+    suffix = {"video": f"@{FRAMES}x{FRAME_SIZE}px", "audio": f"@{SAMPLE_RATE}Hz", "text": ""}
+    render = {"video": _video, "audio": _audio, "text": _caption}
+    return AVDataset(
+        items={m: [f"shapes-av/{split}/{i:06d}.{m}{suffix[m]}" for i in range(n)] for m in AV_MODALITIES},
+        groups={m: list(range(n)) for m in AV_MODALITIES},
+        loaders={m: partial(render[m], split) for m in AV_MODALITIES},  # picklable, for loader processes
+        name=f"shapes-av-{split}", source=f"shapes-av:{split}:{n}")
