@@ -34,6 +34,12 @@ DATASETS = {
     "fashion_gen_detail": _lazy(".qgs", "load_fashion_gen_detail"),
     "cuhk_pedes": _lazy(".qgs", "load_cuhk_pedes"),
     "icfg_pedes": _lazy(".qgs", "load_icfg_pedes"),
+    # audio-visual and audio-text files (data/av_files.py): ARG = index file; media relative to --image-root
+    "av-files": _lazy(".av_files", "load_av_files"),  # JSON/JSONL/CSV rows video,audio[,group][,caption]
+    "vggsound": _lazy(".av_files", "load_read_index"),  # CAV-MAE / READ index: {"data": [{video_id, wav, ...}]}
+    "audioset": _lazy(".av_files", "load_read_index"),
+    "audiocaps": _lazy(".av_files", "load_audiocaps"),
+    "clotho": _lazy(".av_files", "load_clotho"),
 }
 
 __all__ = ["ComposedDataset", "DataError", "RetrievalDataset", "duplicate_entries", "from_groups", "pre_caption",
