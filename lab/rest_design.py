@@ -1,8 +1,8 @@
 """``rest-design``: REST's full design space (issue 11), the candidates the shipped ``rest`` was chosen from.
 
 At its defaults ``rest-design`` is ``rest`` (K5 with per-tensor Fisher blocks as an EWC pull ``g_a + 10 g_k``, no
-projection; lab/tests/test_rest_design.py pins the two together). The design history is lab/reports/rest-design.md.
-Everything below is this project's reading of the paper.
+projection, refined answers; lab/tests/test_rest_design_default.py pins the two together). The design history is
+lab/reports/rest-design.md. Everything below is this project's reading of the paper.
 
 - **knowledge objective** ``know``, the gradient g_k the adaptation must not oppose:
   "kl" (K1): ``L_know = KL(p_source || p_theta)`` over the batch's candidates on the reliable queries,
@@ -27,10 +27,11 @@ Everything below is this project's reading of the paper.
 - **consistency term** ``con``: "queue" (hinge to the queue's mean consistency, as ``rest``), "agree"
   (cross-entropy of the prediction toward its raw top-1), "margin" (``-(s_top1 - s_top2)``).
 - ``log_angle``: compute L_know and its gradient for the diagnostics even when nothing uses them.
-- **answers** (issue 26, round 4): "raw" returns ``Q G^T``, as ``rest``; "refined" returns the answers of the
-  adapted queries refined as ``tcr-free`` refines the source's (:func:`components.refine_queries`: expansion about
-  the batch centre by ``answer_scale``, gap correction toward the candidates with REST's own queue gap). Only the
-  answers change: the losses and the update see the raw queries.
+- **answers** (issue 26, round 4, shipped in ``rest`` since): "refined" (the default, as ``rest``) returns the
+  answers of the adapted queries refined as ``tcr-free`` refines the source's (:func:`components.refine_queries`:
+  expansion about the batch centre by ``answer_scale``, gap correction toward the candidates with REST's own queue
+  gap); "raw" returns ``Q G^T`` (``rest`` before round 4). Only the answers change: the losses and the update see
+  the raw queries.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class RESTDesign(REST):
         "decouple": "off", "log_angle": False, "decouple_after": "gradient",
         "know": "fisher", "fisher": "block", "n_anchors": 16, "anchor_loss": "consistency",
         "margin_deg": 90.0, "keep": 0.0, "con": "queue", "subspace_energy": 0.9, "subspace_rank": 4,
-        "answers": "raw", "answer_scale": 2.0,
+        "answers": "refined", "answer_scale": 2.0,
     }
     hparam_spec = {
         **REST.hparam_spec,
@@ -124,12 +125,15 @@ class RESTDesign(REST):
         before = [p.detach().clone() for p in self.params] if after_optimizer else None
         if self.update(loss, info) and after_optimizer:
             self._project_update(before, g_know, info)
-        if hp["answers"] == "refined":
-            with torch.no_grad():
-                refined, refine_info = C.refine_queries(q.detach(), a.g.detach(), self.queue.gap, hp["answer_scale"])
-            info["answer_gap"] = refine_info["gap"]
-            return refined @ self.gallery.T, info
-        return scores.detach(), info
+        return self._answers(q, a), info
+
+    @torch.no_grad()
+    def _answers(self, q, a):
+        """``answers="refined"``: ``rest``'s refined answers at ``answer_scale``; "raw": ``Q G^T``."""
+        if self.hp["answers"] == "raw":
+            return q.detach() @ self.gallery.T
+        refined, _ = C.refine_queries(q.detach(), a.g, self.queue.gap, self.hp["answer_scale"])
+        return refined @ self.gallery.T
 
     def _consistency_term(self, cons, con_ref, reliable, logits, scores, top1):
         """L_con: "queue" (hinge to the queue's mean consistency), "agree" (the prediction agrees with

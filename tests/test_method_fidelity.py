@@ -18,6 +18,7 @@ from queryshift.methods import AdaptConfig, NonFiniteLossError
 from queryshift.methods import components as C
 from queryshift.methods.base import Method
 from queryshift.methods.deyo import deyo_weight
+from queryshift.methods.tcr import TCR
 
 ADAPTING = ["tent", "eata", "sar", "read", "deyo", "shot", "tcr", "rest"]
 STATEFUL = ["tcr", "rest", "eata", "sar", "deyo", "shot", "tcr-free"]
@@ -52,12 +53,14 @@ def tiny():
 
 
 def make(tiny, name, modality, hparams=None, **config):
-    """``name`` on the shared model restored to its source weights (one live method at a time)."""
+    """``name`` (a registered name or a method class) on the shared model restored to its source weights (one live
+    method at a time)."""
     model, galleries, _, source = tiny
     model.load_state_dict(source)
     config.setdefault("lr", 1e-2)
     cfg = AdaptConfig(hparams={**BASE_HP.get(name, {}), **(hparams or {})}, **config)
-    return methods.get(name)(model, galleries[modality], modality, cfg)
+    cls = name if isinstance(name, type) else methods.get(name)
+    return cls(model, galleries[modality], modality, cfg)
 
 
 def adapted(method):
@@ -154,11 +157,38 @@ def test_tcr_empty_rem_selection_updates_with_the_tcr_codes_gradient(tiny):
     assert any(not torch.equal(p.detach(), before[n]) for n, p in m.named_params)
 
 
-def beside_tcr(tiny, modality, name, hparams):
-    """(ranks, logs, adapted parameters) of ``tcr`` and of ``name`` with ``hparams`` on the tiny batches, the second
-    batch with E_m below every entropy (an empty reliable selection)."""
-    runs = {}
-    for method, hp in (("tcr", {"queue_batches": 1}), (name, {"queue_batches": 1, **hparams})):
+def refined_by_hand(q, g, gap_ref, scale=2.0):
+    """TCR_Untrain's query transform written out (the order of the operations of ``components.refine_queries``, so
+    that equal inputs give equal bits): expansion by ``scale`` about the batch centre ``c``, then the move by
+    ``(1 - Delta_ref / Delta_batch) (mean(G~) - c)`` toward the candidates, re-normalised."""
+    centre = q.mean(dim=0)
+    refined = centre + scale * (q - centre)
+    gap_batch = float((F.normalize(q, dim=-1).mean(0) - F.normalize(g, dim=-1).mean(0)).norm())
+    if gap_ref is not None:
+        refined = refined + (1 - gap_ref / gap_batch) * (g.mean(dim=0) - centre)
+    return F.normalize(refined, dim=-1)
+
+
+class TCRRefinedAnswers(TCR):
+    """``tcr`` answering with its queries refined by hand as REST answers (scale 2, its own queue's gap): what ``rest``
+    without its knowledge and consistency terms must return."""
+
+    def encode(self, query_batch):
+        self.last_queries = super().encode(query_batch)
+        return self.last_queries
+
+    def forward_and_adapt(self, query_batch, step):
+        scores, info = super().forward_and_adapt(query_batch, step)
+        g = self.gallery[scores.argmax(dim=1)]  # TCR's top-1 candidates
+        return refined_by_hand(self.last_queries.detach(), g, self.queue.gap) @ self.gallery.T, info
+
+
+def beside_tcr(tiny, modality, name, hparams, reference="tcr"):
+    """(ranks, logs, adapted parameters) of ``reference`` (``tcr``, or a class such as :class:`TCRRefinedAnswers`)
+    and of ``name`` with ``hparams`` on the tiny batches, the second batch with E_m below every entropy (an empty
+    reliable selection)."""
+    runs = []
+    for method, hp in ((reference, {"queue_batches": 1}), (name, {"queue_batches": 1, **hparams})):
         m = make(tiny, method, modality, steps=2, hparams=hp)
         logs, ranks = [], []
         for b, x in enumerate(tiny[2][modality]):
@@ -168,21 +198,25 @@ def beside_tcr(tiny, modality, name, hparams):
             scores, log = m.step(x)
             ranks.append(scores.argsort(dim=1, descending=True))
             logs.append(log)
-        runs[method] = (ranks, logs, adapted(m))
-    return runs["tcr"], runs[name]
+        runs.append((ranks, logs, adapted(m)))
+    return runs[0], runs[1]
 
 
 @pytest.mark.parametrize("modality", ["image", "text"])
-def test_rest_without_its_additions_is_tcr(tiny, modality):
-    """rest(lambda_k=0, w_con=0) = tcr: same ranks, losses and parameters, also on a batch with an empty reliable
-    selection."""
-    (r_t, l_t, p_t), (r_r, l_r, p_r) = beside_tcr(tiny, modality, "rest", {"lambda_k": 0.0, "w_con": 0.0})
+def test_rest_without_its_additions_is_tcr_with_refined_answers(tiny, modality):
+    """rest(lambda_k=0, w_con=0) = tcr whose answers are refined as REST's (scale 2): same ranks, losses and
+    parameters, also on a batch with an empty reliable selection. Plain tcr's ranks differ: the refinement acts."""
+    (r_t, l_t, p_t), (r_r, l_r, p_r) = beside_tcr(tiny, modality, "rest", {"lambda_k": 0.0, "w_con": 0.0},
+                                                  reference=TCRRefinedAnswers)
     assert l_t[1]["empty_selection"] == l_r[1]["empty_selection"] == 1
     assert all(torch.equal(a, b) for a, b in zip(r_t, r_r))
     assert [x["loss"] for x in l_t] == [x["loss"] for x in l_r]
     assert [x["n_selected"] for x in l_t] == [x["n_selected"] for x in l_r]
     assert all(torch.equal(p_t[n], p_r[n]) for n in p_t)
     assert any(not torch.equal(p_t[n], tiny[3][n]) for n in p_t)  # and they did adapt
+    (r_plain, _, p_plain), _ = beside_tcr(tiny, modality, "tcr", {})
+    assert all(torch.equal(p_plain[n], p_t[n]) for n in p_t)  # the refinement leaves the update alone
+    assert not all(torch.equal(a, b) for a, b in zip(r_plain, r_r))  # but changes the answers
 
 
 # -- 3. SAR recovery keeps the EMA ---------------------------------------------------------------------
@@ -371,18 +405,27 @@ def test_sgd_step_lowers_the_methods_own_loss(tiny, name, modality):
 # -- tests that can fail: recorded scores ----------------------------------------------------------
 
 
+def answers_of(m, q):
+    """The scores ``m`` returns for queries ``q``: ``q G^T``, or for ``rest`` the refined queries' (by hand, with the
+    queue's gap: the queue takes entries at a batch's step 0 only, so after the batch it holds what every step saw)."""
+    if m.name != "rest":
+        return q @ m.gallery.T
+    return refined_by_hand(q, m.gallery[(q @ m.gallery.T).argmax(1)], m.queue.gap) @ m.gallery.T
+
+
 @pytest.mark.parametrize("name", ADAPTING)
 def test_record_first_gives_the_scores_before_the_batchs_updates(tiny, name):
     m = make(tiny, name, "image", steps=3, record="first")
     x0, x1 = tiny[2]["image"][:2]
     with torch.no_grad():
-        source = m.encode(x0) @ m.gallery.T
+        q_source = m.encode(x0)
     s0, _ = m.step(x0)
-    assert torch.allclose(*directions(s0, source), atol=1e-5)  # batch 0 = the source scores
+    assert torch.allclose(*directions(s0, answers_of(m, q_source)), atol=1e-5)  # batch 0 = the source's answers
     with torch.no_grad():
-        start = m.encode(x1) @ m.gallery.T  # the parameters after batch 0
+        q_start = m.encode(x1)  # the parameters after batch 0
+        start = q_start @ m.gallery.T
     s1, _ = m.step(x1)
-    assert torch.allclose(*directions(s1, start), atol=1e-5)
+    assert torch.allclose(*directions(s1, answers_of(m, q_start)), atol=1e-5)
     with torch.no_grad():
         end = m.encode(x1) @ m.gallery.T
     assert not torch.allclose(*directions(end, start), atol=1e-5)  # the batch did adapt after recording
@@ -393,11 +436,12 @@ def test_record_last_gives_the_last_steps_forward(tiny, name):
     x = tiny[2]["image"][0]
     one = make(tiny, name, "image", steps=1)
     with torch.no_grad():
-        source = one.encode(x) @ one.gallery.T
+        q_source = one.encode(x)
     s_one, _ = one.step(x)
-    assert torch.allclose(*directions(s_one, source), atol=1e-5)  # steps=1: batch 0 = the source scores
+    source = answers_of(one, q_source)
+    assert torch.allclose(*directions(s_one, source), atol=1e-5)  # steps=1: batch 0 = the source's answers
     with torch.no_grad():
-        after_one_update = one.encode(x) @ one.gallery.T
+        after_one_update = answers_of(one, one.encode(x))
     assert not torch.allclose(*directions(after_one_update, source), atol=1e-5)
     two = make(tiny, name, "image", steps=2, record="last")
     s, _ = two.step(x)

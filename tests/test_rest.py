@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from queryshift.methods import components as C
 from queryshift.methods.rest import REST
@@ -130,3 +131,25 @@ def test_fisher_survives_a_checkpoint(tiny):  # noqa: F811
     a, b = m.fisher.knowledge(m.params, source), m2.fisher.knowledge(m2.params, source)
     assert len(m2.fisher) == len(m.fisher) >= 2 and a[1] == b[1] and a[1] > 0
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_rest_answers_with_its_queries_refined_by_hand(tiny, modality):  # noqa: F811
+    """Without adaptation (SGD at rate 0) REST's answers are TCR_Untrain's transform of the source queries, written
+    out here: ``c + 2 (q - c)`` about the batch centre, moved by ``(1 - Delta_queue / Delta_batch) (mean(G~) - c)``,
+    re-normalised; not the raw ``q G^T`` (their ranks differ), nor the transform at another scale or sign."""
+    m = make(tiny, "rest", modality, steps=1, optimizer="sgd", lr=0.0, weight_decay=0.0, hparams={"queue_batches": 2})
+    gap = lambda q, g: float((F.normalize(q, dim=1).mean(0) - F.normalize(g, dim=1).mean(0)).norm())  # noqa: E731
+    for x in tiny[2][modality]:
+        with torch.no_grad():
+            q = m.encode(x)
+        scores, _ = m.step(x)
+        g = m.gallery[(q @ m.gallery.T).argmax(1)]
+        c, gap_queue = q.mean(0), gap(m.queue.q, m.queue.g)
+        assert math.isclose(gap_queue, m.queue.gap, rel_tol=1e-5)
+        shift = (1 - gap_queue / gap(q, g)) * (g.mean(0) - c)
+        refined = {(scale, sign): F.normalize(c + scale * (q - c) + sign * shift, dim=1) @ m.gallery.T
+                   for scale, sign in ((2.0, 1.0), (1.0, 1.0), (2.0, -1.0))}
+        assert torch.allclose(scores, refined[2.0, 1.0], atol=1e-5)
+        for wrong in (q @ m.gallery.T, refined[1.0, 1.0], refined[2.0, -1.0]):
+            assert not torch.equal(scores.argsort(1), wrong.argsort(1))

@@ -41,9 +41,9 @@ def test_rest_design_at_its_defaults_is_rest(tiny, modality):  # noqa: F811
 
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_rest_design_without_its_additions_is_tcr(tiny, modality):  # noqa: F811
-    """rest-design(decouple=off, lambda_k=0, w_con=0, log_angle=False) = tcr: same ranks, losses and parameters,
-    also on a batch with an empty reliable selection."""
-    as_tcr = {"decouple": "off", "lambda_k": 0.0, "w_con": 0.0, "log_angle": False}
+    """rest-design(decouple=off, lambda_k=0, w_con=0, log_angle=False, answers=raw) = tcr: same ranks, losses and
+    parameters, also on a batch with an empty reliable selection."""
+    as_tcr = {"decouple": "off", "lambda_k": 0.0, "w_con": 0.0, "log_angle": False, "answers": "raw"}
     (r_t, l_t, p_t), (r_r, l_r, p_r) = beside_tcr(tiny, modality, "rest-design", as_tcr)
     assert l_t[1]["empty_selection"] == l_r[1]["empty_selection"] == 1
     assert all(torch.equal(a, b) for a, b in zip(r_t, r_r))

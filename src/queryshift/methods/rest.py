@@ -1,6 +1,6 @@
 """``rest``: REST (Li, Yang, Peng, arXiv 2511.14416), robust entropy minimisation with a pull toward the source.
 
-Per step, with ``Q`` the query embeddings (with gradient) and ``S = Q G^T`` the returned scores (raw cosine):
+Per step, with ``Q`` the query embeddings (with gradient) and ``S = Q G^T`` their raw scores (cosine):
 
 - **refinement** (as TCR): each query's candidate ``g~_i`` is its top-1 gallery item (``topk`` > 1: the
   re-normalised mean of its top-k); the prediction is ``p_i = softmax_j(q_i . g~_j / tau)`` over the batch's
@@ -21,16 +21,23 @@ Per step, with ``Q`` the query embeddings (with gradient) and ``S = Q G^T`` the 
   ``KL(p_source || p_theta)`` around the source) and the optimizer (AdamW in the protocol) steps along
   ``g_a + lambda_k g_k`` with ``g_a = grad L_adapt``. ``lambda_k=0`` turns the pull (and the Fisher) off.
 
+- **refined answers**: the batch's answers are its queries (those of the forward, before the update) refined by
+  ``tcr-free``'s transform (:func:`components.refine_queries`): expansion by 2 about the batch centre, then the
+  gap correction toward the candidates with the queue's gap ``Delta_queue``. Only the answers change; the losses
+  and the update see the raw queries. Chosen on validation shifts (lab/reports/rest-design-4.md): adaptation and
+  refinement add up on single shifts; the scale stays ``tcr-free``'s, so it is no hyper-parameter.
+
 Deviations from the paper, whose exact equations are not published: ``L_con`` and the knowledge term are this
 project's reading. The paper *decouples* the gradients (removes from ``g_a`` the part that conflicts with the
 knowledge gradient); here the knowledge gradient is added as a pull instead, with no projection, which scored
 higher on validation shifts (the design rounds, the projections and the other knowledge objectives are in the
 lab: ``lab/rest_design.py``, method ``rest-design``, and ``lab/reports/rest-design.md``).
 
-With ``lambda_k=0`` and ``w_con=0`` REST computes the same losses, ranks and parameters as ``tcr`` while the
-queue is non-empty (always, with the defaults). An empty reliable selection leaves ``L_ent`` and ``L_con`` out
-(logged as ``empty_selection: 1``); with an empty queue only ``L_uni`` is left (TCR skips the update). When no
-term is left the update is skipped (``Method.update`` logs ``skipped: empty``), as is a non-finite loss.
+With ``lambda_k=0`` and ``w_con=0`` REST computes the same losses and parameters as ``tcr`` while the queue is
+non-empty (always, with the defaults), and answers as ``tcr`` with its answers refined as above. An empty reliable
+selection leaves ``L_ent`` and ``L_con`` out (logged as ``empty_selection: 1``); with an empty queue only ``L_uni``
+is left (TCR skips the update). When no term is left the update is skipped (``Method.update`` logs
+``skipped: empty``), as is a non-finite loss.
 
 Log per step: ``n_selected``, ``queue_len``, each loss term, ``uniformity`` (mean ``||q_i - c_q||``), ``gap``,
 ``consistency`` (mean ``q_i . g~_i``), ``l_know`` (``0.5 d^T F d``), ``grad_angle`` (degrees between g_a and
@@ -47,6 +54,9 @@ from .. import distributed
 from . import components as C
 from .base import Method
 from .hparams import HP
+
+# tcr-free's expansion of the batch about its centre, used for REST's answers (not tuned apart: see the docstring)
+ANSWER_SCALE = 2.0
 
 
 class REST(Method):
@@ -81,7 +91,7 @@ class REST(Method):
         if loss is not None and self.hp["lambda_k"]:
             loss = self._pulled(query_batch, a, step)
         self.update(loss, a.info)
-        return scores.detach(), a.info
+        return self._answers(q, a), a.info
 
     # -- pieces shared with the lab's rest-design ------------------------------------------------------
 
@@ -122,6 +132,12 @@ class REST(Method):
         active = [w * v for w, v in terms.values() if v is not None and w]
         return SimpleNamespace(g=g, top1=top1, logits=logits, ent=ent, cons=cons, reliable=reliable,
                                loss=sum(active) if active else None, info=info)
+
+    @torch.no_grad()
+    def _answers(self, q, a):
+        """The returned scores: the forward's queries refined (``refine_queries``, scale 2, the queue's gap)."""
+        refined, _ = C.refine_queries(q.detach(), a.g, self.queue.gap, ANSWER_SCALE)
+        return refined @ self.gallery.T
 
     def _most_reliable(self, ent, reliable):
         """Indices of the ``know_queries`` reliable queries of lowest entropy (0: every reliable query)."""
