@@ -1,5 +1,5 @@
-"""A backbone's protocol learning rate: used when a run gives none, recorded with the run, and a change of it
-never lets a finished or interrupted run pass for one at the new rate."""
+"""A backbone's protocol learning rate, and each method's own rate on it: used when a run gives none, recorded
+with the run, and a change of it never lets a finished or interrupted run pass for one at the new rate."""
 
 import json
 import os
@@ -24,12 +24,46 @@ def test_default_rate_follows_the_backbone(monkeypatch):
     assert RunConfig(model="hf-blip:x", direction="i2t").resolved_lr() == 3e-4
 
 
+# shapes-clip's rates chosen on validation shifts (lab/reports/validation-rates.md; REST: rest-design-4.md, round 4's
+# joint choice of refined answers at 3e-3 superseding 1e-2), written out here and not read from the code under test
+SHAPES_CLIP_RATES = {"tent": 3e-4, "eata": 3e-4, "sar": 3e-4, "read": 3e-4, "deyo": 3e-4, "shot": 3e-4,
+                     "tcr": 1e-3, "rest": 3e-3}
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_each_method_runs_at_its_own_rate_on_shapes_clip(direction):
+    """Image and text queries alike (the validation covered one text shift only; no text-only choice was made)."""
+    for method, rate in SHAPES_CLIP_RATES.items():
+        assert RunConfig(model="shapes-clip", method=method, direction=direction).resolved_lr() == rate, method
+    for method in ("source", "tcr-free"):  # no own rate (they do not train): the backbone's common rate
+        assert RunConfig(model="shapes-clip", method=method, direction=direction).resolved_lr() == 1e-3
+    assert RunConfig(model="shapes-clip", method="rest", direction=direction, lr=1e-2).resolved_lr() == 1e-2
+    # other backbones keep the TCR code's defaults for every method
+    assert RunConfig(model=TINY, method="rest", direction=direction).resolved_lr() == 3e-4
+    assert RunConfig(model="hf-blip:x", method="tent", direction=direction).resolved_lr() == (
+        3e-5 if direction == "t2i" else 3e-4)
+
+
+def test_serve_adapts_at_its_methods_own_rate():
+    from queryshift.serve.config import ServeConfig
+
+    assert ServeConfig().resolved_lr("image") == SHAPES_CLIP_RATES[ServeConfig().method]
+    assert ServeConfig(method="tcr").resolved_lr("text") == 1e-3
+    assert ServeConfig(method="tent", lr=1e-2).resolved_lr("image") == 1e-2
+
+
 def test_shapes_clip_has_a_chosen_rate_in_its_model_card():
     rate = models.PROTOCOL_LR["shapes-clip"]
     card_path = os.path.join(os.path.dirname(__file__), "..", "docs", "model-card-shapes-clip.md")
     with open(card_path, encoding="utf-8") as f:
         card = f.read()
     assert f"protocol learning rate of `shapes-clip` is **{rate:g}**" in card
+    own = card[card.index("### Each method's own rate"):]
+    row = next(line for line in own.splitlines() if line.startswith("| chosen rate"))
+    header = next(line for line in own.splitlines() if line.startswith("| method"))
+    stated = dict(zip(header.strip("|").split("|")[1:], row.strip("|").split("|")[1:]))
+    assert {m.strip(): float(r) for m, r in stated.items()} == {
+        m: models.protocol_lr("shapes-clip", False, m) for m in SHAPES_CLIP_RATES}
 
 
 def test_settings_compare_resolved_rates(monkeypatch):
@@ -71,6 +105,11 @@ def test_a_run_uses_the_backbone_rate(tmp_path, monkeypatch, direction):
                            direction=direction, batch_size=4, steps=1, cache_dir=str(tmp_path / "c"),
                            progress=False))
     assert result["lr"] == 5e-3 and result["config"]["lr"] == 5e-3
+    monkeypatch.setitem(models.METHOD_LR, TINY, {"tent": 2e-3, "tcr": 7e-3})  # a method's own rate wins
+    result = run(RunConfig(model=TINY, data=data, image_root=str(tmp_path / "d"), method="tent",
+                           direction=direction, batch_size=4, steps=1, cache_dir=str(tmp_path / "c"),
+                           progress=False))
+    assert result["lr"] == 2e-3 and result["config"]["lr"] == 2e-3
 
 
 def test_bench_refuses_runs_made_under_other_method_defaults(tmp_path, capsys, monkeypatch):

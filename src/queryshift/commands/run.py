@@ -21,7 +21,15 @@ def lr_help() -> str:
     """The --lr help, from the rates a run resolves (``models.protocol_lr``), so that it says what runs record."""
     from .. import models
 
-    chosen = "; ".join(f"{rate:g} for {model}" for model, rate in models.PROTOCOL_LR.items())
+    def own(model: str) -> str:  # the methods' own rates on the backbone, grouped by rate
+        groups: dict[float, list[str]] = {}
+        for method, rate in models.METHOD_LR.get(model, {}).items():
+            groups.setdefault(rate, []).append(method)
+        listed = "; ".join(f"{rate:g} {', '.join(names)}" for rate, names in groups.items())
+        # brackets, not parentheses: the help's default is read up to its first ')'
+        return f" [or the method's own rate: {listed}]" if listed else ""
+
+    chosen = "; ".join(f"{rate:g} for {model}{own(model)}" for model, rate in models.PROTOCOL_LR.items())
     return (f"learning rate (default: the backbone's protocol rate, recorded in result.json: {chosen}; "
             f"{models.spec_default_lr('hf-blip', True):g} for BLIP text queries; "
             f"{models.spec_default_lr('', False):g} otherwise)")

@@ -113,7 +113,7 @@ class RunConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return models.protocol_lr(self.model, self.direction == "t2i")
+        return models.protocol_lr(self.model, self.direction == "t2i", self.method)
 
     def adapt_config(self) -> methods.AdaptConfig:
         return methods.AdaptConfig(

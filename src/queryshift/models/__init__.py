@@ -39,9 +39,16 @@ ALIASES: dict[str, str] = {
 }
 
 
-# Learning rates chosen for a backbone on validation shifts only (its model card says how); every other
-# backbone uses the protocol defaults of the TCR code.
+# Learning rates chosen for a backbone on validation shifts only (its model card says how): one common rate for
+# every method, and in METHOD_LR each method's own rate, which wins; every other backbone uses the protocol
+# defaults of the TCR code.
 PROTOCOL_LR: dict[str, float] = {"shapes-clip": 1e-3}
+# shapes-clip: lab/reports/validation-rates.md (REST: lab/reports/rest-design-4.md, its refined answers at 3e-3),
+# chosen on image and text validation shifts together and used for both directions
+METHOD_LR: dict[str, dict[str, float]] = {
+    "shapes-clip": {"tent": 3e-4, "eata": 3e-4, "sar": 3e-4, "read": 3e-4, "deyo": 3e-4, "shot": 3e-4,
+                    "tcr": 1e-3, "rest": 3e-3},
+}
 
 
 def spec_default_lr(model: str, text_queries: bool) -> float:
@@ -49,8 +56,12 @@ def spec_default_lr(model: str, text_queries: bool) -> float:
     return 3e-5 if model.startswith("hf-blip") and text_queries else 3e-4
 
 
-def protocol_lr(model: str, text_queries: bool) -> float:
-    """The learning rate a run uses when none is given: the backbone's chosen one, else the TCR code's."""
+def protocol_lr(model: str, text_queries: bool, method: str | None = None) -> float:
+    """The learning rate a run of ``method`` uses when none is given: the method's own rate chosen for the backbone,
+    else the backbone's common one, else the TCR code's."""
+    own = METHOD_LR.get(model, {})
+    if method in own:
+        return own[method]
     return PROTOCOL_LR.get(model, spec_default_lr(model, text_queries))
 
 
@@ -117,4 +128,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["DualEncoder", "WeightsNotFoundError", "l2_normalize", "load_model", "register_backbone",
-           "unregister_backbone", "BACKENDS", "ALIASES", "PROTOCOL_LR", "protocol_lr", "spec_default_lr"]
+           "unregister_backbone", "BACKENDS", "ALIASES", "PROTOCOL_LR", "METHOD_LR", "protocol_lr",
+           "spec_default_lr"]

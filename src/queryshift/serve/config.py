@@ -83,7 +83,7 @@ class ServeConfig:
     def resolved_lr(self, modality: str) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return models.protocol_lr(self.model, modality == "text")
+        return models.protocol_lr(self.model, modality == "text", self.method)
 
     def adapt_config(self, modality: str) -> methods.AdaptConfig:
         return methods.AdaptConfig(steps=self.steps, optimizer=self.optimizer, lr=self.resolved_lr(modality),
