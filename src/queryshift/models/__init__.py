@@ -27,6 +27,7 @@ BACKENDS: dict[str, str | Callable[[str, str], Any]] = {
     "hf-blip": ".hf_blip",
     "hf-clip": ".hf_clip",
     "cav-mae": ".cav_mae",  # CAV-MAE video/audio towers (READ's backbone): cav-mae:<checkpoint .pth or folder>
+    "hf-clap": ".hf_clap",  # CLAP audio/text towers via transformers: hf-clap:<hub id or folder>
 }
 _SHIPPED = frozenset(BACKENDS)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
