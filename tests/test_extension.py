@@ -102,8 +102,22 @@ def test_register_backbone_and_shift_refuse_clashes_and_bad_names(registered):
         registry.register_shift("my-invert", lambda item, rng: item, "image")
     with pytest.raises(ValueError, match="shift 'gaussian_noise' is already"):
         registry.register_shift("gaussian_noise", invert, "image")
-    with pytest.raises(ValueError, match="modality must be 'image' or 'text'"):
-        registry.register_shift("my-other", invert, "audio")
+    with pytest.raises(ValueError, match="modality must be one of image, text, audio, video, got 'smell'"):
+        registry.register_shift("my-other", invert, "smell")
+
+
+def test_a_user_shift_of_audio_queries(registered):
+    import numpy as np
+
+    registry.register_shift("my-quieter", lambda item, rng: item * 0.5, "audio")
+    try:
+        shift = registry.build_shift("my-quieter", "audio")
+        out = shift(np.ones(4, dtype=np.float32), 0, 0, 1, np.random.default_rng(0))
+        assert out.tolist() == [0.5] * 4 and "my-quieter" in registry.list_shifts("audio")
+        with pytest.raises(ValueError, match="corrupts audio queries, but the queries here are video"):
+            registry.build_shift("my-quieter", "video")
+    finally:
+        registry.unregister_shift("my-quieter")
 
 
 def test_a_user_shift_refuses_the_other_modality(registered):

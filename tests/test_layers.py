@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "atomic": 0, "locks": 0, "metrics": 0, "runinfo": 0, "distributed": 0, "userfiles": 0,
     "plainstate": 1,
     "data": 10,
+    "modalities": 15,  # what an item of each modality is and how it is batched; reads data's caption cleaning
     "shifts": 20,
     "models": 30,
     "methods": 40,

@@ -99,8 +99,11 @@ def test_list_shifts_and_domain_hook():
     assert set(IMAGE_CORRUPTIONS) <= set(image) and set(TEXT_CORRUPTIONS) <= set(text)
     assert "stream:temporal" in image and "stream:diverse" in text
     assert not set(IMAGE_CORRUPTIONS) & set(text)
+    audio = list_shifts("audio")  # READ's corruptions and the everyday ones; no image or text corruption
+    assert {"gaussian_noise", "traffic", "crowd", "rain", "thunder", "wind", "codec"} <= set(audio)
+    assert not (set(IMAGE_CORRUPTIONS) - {"gaussian_noise"}) & set(audio) and not set(TEXT_CORRUPTIONS) & set(audio)
     with pytest.raises(ValueError, match="query modality"):
-        list_shifts("audio")
+        list_shifts("smell")
     try:
         from queryshift.shifts.domain import DOMAIN_SHIFTS
     except ImportError:

@@ -16,9 +16,9 @@ def main(args) -> int:
     print("datasets: " + ", ".join(data.DATASETS) + ", <karpathy.json>, <pairs.jsonl|csv>")
     print("models:   " + ", ".join([f"{b}:<spec>" for b in models.BACKENDS] + list(models.ALIASES)))
     try:
-        from ..shifts.registry import list_shifts
+        from ..shifts.registry import MODALITIES, list_shifts
 
-        for modality in ("image", "text"):
+        for modality in MODALITIES:  # every query modality with a shift catalogue: image, text, audio, video
             print(f"{modality} shifts: " + ", ".join(list_shifts(modality)))
     except ImportError:
         pass

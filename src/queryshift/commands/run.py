@@ -39,9 +39,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``run`` and ``bench``; every default is None so a YAML config can supply it."""
     g = p.add_argument_group("run settings (override --config)")
     g.add_argument("--model", help="backbone: openclip:<arch>/<tag>, openclip:<arch>@<ckpt>, openclip:<arch>/random, "
-                                   "hf-blip:<id or dir>, hf-clip:<id or dir>, shapes-clip (default: shapes-clip)")
+                                   "hf-blip:<id or dir>, hf-clip:<id or dir>, shapes-clip, shapes-av, ... (see "
+                                   "'queryshift list'; default: shapes-clip)")
     g.add_argument("--data", help="dataset: a Karpathy JSON, a JSONL/CSV of image,caption[,group], or a named "
-                                  "dataset such as 'shapes' (default: shapes)")
+                                  "dataset such as 'shapes' or 'shapes-av' (default: shapes)")
     g.add_argument("--image-root", dest="image_root", help="folder the dataset's image paths are relative to")
     g.add_argument("--composer", help="c2i only: how the reference image and the text fuse: sum, combiner:<file> "
                                       "(queryshift train-combiner) or shapes-cir (default: the model's own, else sum)")
@@ -72,8 +73,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-words", dest="max_words", type=int, help="caption truncation (default 30)")
     g.add_argument("--cache-dir", dest="cache_dir", help="gallery embedding cache (default ~/.cache/queryshift)")
     g.add_argument("--num-workers", dest="num_workers", type=int,
-                   help="image loading worker processes (default: min(4, cores - 1) for image streams of 8+ batches, "
-                        "else 0)")
+                   help="item loading worker processes (default: min(4, cores - 1) for image, video and audio "
+                        "streams of 8+ batches, else 0)")
     g.add_argument("--device", help="torch device (default cpu)")
     g.add_argument("--threads", type=int,
                    help="intra-op CPU threads of the run (default 1); results are reproducible for a given value, "
@@ -115,9 +116,11 @@ def add_parser(subparsers) -> None:
                     "r_mean map, config, seed, versions, git commit), OUT/log.jsonl (one line per batch), "
                     "OUT/table.md, and a checkpoint that --resume continues from.")
     p.add_argument("--config", help="YAML file of run settings; command-line options override it")
-    p.add_argument("--direction", choices=["i2t", "t2i", "c2i"],
-                   help="i2t: image queries; t2i: text queries; c2i: composed queries, a reference image plus a "
-                        "modification text, against images (default i2t)")
+    p.add_argument("--direction",
+                   help="<query>2<gallery> among the model's towers, letters i image, t text, a audio, v video: "
+                        "i2t image queries; t2i text queries; c2i composed queries, a reference image plus a "
+                        "modification text, against images; v2a video queries against sounds, a2v, a2t, t2a, ... "
+                        "(default i2t; a direction the model cannot run names the ones it can)")
     p.add_argument("--method", help="adaptation method, see 'queryshift list' (default source)")
     p.add_argument("--shift", help="query shift NAME:SEVERITY, a domain style or a stream (default: clean)")
     p.add_argument("--out", help="output directory")

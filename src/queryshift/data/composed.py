@@ -61,6 +61,26 @@ class ComposedDataset(RetrievalDataset):
             return "composed", len(self.references), self.targets
         return super().query_items(direction)
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("composed", "image", "text")
+
+    def count(self, modality: str) -> int:
+        return len(self.references) if modality == "composed" else super().count(modality)
+
+    def load(self, modality: str, index: int):
+        """A composed query is (reference image, modification text)."""
+        if modality == "composed":
+            return self.load_reference(index), self.texts[index]
+        return super().load(modality, index)
+
+    def relevance(self, query: str, gallery: str) -> list[list[int]]:
+        if query == "composed" and gallery == "image":
+            return self.targets
+        if "composed" in (query, gallery):
+            raise DataError(f"{self.source or self.name}: composed queries retrieve images (c2i), not {gallery}")
+        return super().relevance(query, gallery)
+
     def load_reference(self, q: int):
         """The reference image of composed query ``q``; a missing file names the query and the image."""
         ref = self.references[q]

@@ -114,6 +114,34 @@ class RetrievalDataset:
             image_loader=(lambda j: loader(image_ids[j])) if loader else None,
         )
 
+    # the generic dataset interface the engine reads (AVDataset has the same): modalities, count, load, relevance
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image", "text")
+
+    def count(self, modality: str) -> int:
+        self._check(modality)
+        return len(self.images) if modality == "image" else len(self.texts)
+
+    def load(self, modality: str, index: int):
+        """Item ``index`` of ``modality``: a PIL image (:meth:`load_image`) or a caption string."""
+        self._check(modality)
+        return self.load_image(index) if modality == "image" else self.texts[index]
+
+    def relevance(self, query: str, gallery: str) -> list[list[int]]:
+        """Per query item of ``query``: the relevant items of ``gallery``."""
+        self._check(query)
+        self._check(gallery)
+        if query == gallery:
+            raise DataError(f"{self.source or self.name}: queries and gallery are both {query}; give two "
+                            f"different modalities")
+        return self.img2txt if query == "image" else self.txt2img
+
+    def _check(self, modality: str) -> None:
+        if modality not in self.modalities:
+            raise DataError(f"{self.source or self.name} has no {modality} items; it has "
+                            f"{', '.join(self.modalities)}")
+
     def query_items(self, direction: str) -> tuple[str, int, list[list[int]]]:
         """-> (query modality, number of queries, relevance per query) for ``i2t`` or ``t2i``."""
         if direction == "i2t":
@@ -129,6 +157,8 @@ def duplicate_entries(dataset: RetrievalDataset) -> str | None:
     Each copy is its own gallery item and query, so a duplicated image or caption changes the metrics
     (e.g. a text query's copy of its image counts as a wrong answer ranked above or below the right one).
     """
+    if not isinstance(dataset, RetrievalDataset):  # audio-visual sets: their items are clips, checked by their loaders
+        return None
     seen: dict[str, int] = {}
     for path in dataset.images:
         seen[path] = seen.get(path, 0) + 1

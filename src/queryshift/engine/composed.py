@@ -16,6 +16,7 @@ import torch
 
 from .. import shifts
 from ..metrics import recall_at_k, recall_subset, subset_ranks
+from ..modalities import COMPOSED, get, parse_direction
 from ..shifts.registry import WrongModality
 from .ranking import rank_scores
 
@@ -25,7 +26,7 @@ _PARTS = re.compile(r"\+(?!filter\b)")
 class ComposedShift(shifts.QueryShift):
     """An image shift for the reference image and a text shift for the modification text."""
 
-    modality = "composed"
+    modality = COMPOSED
 
     def __init__(self, image: shifts.QueryShift, text: shifts.QueryShift):
         self.image, self.text = image, text
@@ -50,7 +51,7 @@ def build_composed_shift(spec: str | None, seed: int = 0) -> ComposedShift:
     sides: dict[str, shifts.QueryShift] = {}
     for part in (p.strip() for p in _PARTS.split(spec)):
         errors = []
-        for modality in ("image", "text"):
+        for modality in get(COMPOSED).shift_families:
             try:
                 built = shifts.build(part, modality, seed)
             except WrongModality:  # a shift of the other side: not this part's problem
@@ -64,6 +65,9 @@ def build_composed_shift(spec: str | None, seed: int = 0) -> ComposedShift:
             sides[modality] = built
             break
         else:
+            if not errors:  # a shift of another modality altogether (an audio or video shift)
+                raise ValueError(f"composed shift {spec!r}: {part!r} shifts neither the reference image nor the "
+                                 f"modification text")
             if len(errors) == 1:  # a shift of one side with a bad severity or option: that side's complaint
                 raise ValueError(f"composed shift {spec!r}: part {part!r}: {errors[0]}")
             raise ValueError(f"composed shift {spec!r}: {part!r} is neither an image nor a text shift "
@@ -72,7 +76,7 @@ def build_composed_shift(spec: str | None, seed: int = 0) -> ComposedShift:
 
 
 def build_query_shift(spec: str | None, modality: str, seed: int = 0) -> shifts.QueryShift:
-    if modality == "composed":
+    if modality == COMPOSED:
         return build_composed_shift(spec, seed)
     return shifts.build(spec, modality, seed)
 
@@ -82,7 +86,7 @@ def rank_queries(scores: torch.Tensor, indices: list[int], dataset, relevance, d
     """Best ranks and APs of one batch. For the queries of a composed dataset (``c2i``, and ``t2i``: the text
     alone) its excluded images (CIRR: the reference) are never ranked, and with CIRR subsets the rank within
     the subset is logged too (``subset_ranks``)."""
-    on_gallery = direction != "i2t"  # i2t ranks texts: nothing of the composed protocol applies
+    on_gallery = parse_direction(direction)[1] == "image"  # other galleries: nothing of the composed protocol
     exclude = getattr(dataset, "exclude", None)
     if exclude is not None and on_gallery:
         scores = scores.clone()

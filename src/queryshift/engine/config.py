@@ -7,11 +7,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import methods, models
+from .. import methods, modalities, models
 from .gallery_index import parse_spec as parse_index_spec
 
 RESULT_KEYS = ("r1", "r5", "r10", "r_mean", "map")
-DIRECTIONS = ("i2t", "t2i", "c2i")  # c2i: composed queries (reference image + modification text) -> images
+# <query>2<gallery> over the registered modalities (i t a v; c2i: composed queries, a reference image and a
+# modification text, against images); which of them a run may take depends on its model's towers
+DIRECTIONS = modalities.ALL_DIRECTIONS
 
 # Fields that may differ between an interrupted run and its resumption (or a reused finished run).
 RESUME_FREE = frozenset({"out", "resume", "overwrite", "num_workers", "progress", "cache_dir", "device",
@@ -25,7 +27,7 @@ class RunConfig:
     model: str = "shapes-clip"
     data: str = "shapes"
     image_root: str | None = None
-    direction: str = "i2t"  # i2t: image queries, text gallery; t2i: text queries, image gallery; c2i: composed
+    direction: str = "i2t"  # <query>2<gallery>: i2t, t2i, c2i (composed), v2a, a2v, a2t, ... (the model's towers)
     composer: str | None = None  # c2i: sum, combiner:<file> or a shipped combiner (default: the model's, else sum)
     method: str = "source"
     shift: str | None = None  # query-side shift, e.g. gaussian_noise:5, RandomCharAug_swap:7, stream:temporal
@@ -64,8 +66,7 @@ class RunConfig:
             value = getattr(self, f.name)
             if isinstance(value, str) and not value.strip():
                 raise ValueError(f"{f.name} is an empty string; leave it out for the default")
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be 'i2t', 't2i' or 'c2i', got {self.direction!r}")
+        modalities.parse_direction(self.direction)  # its letters; the model's towers are checked when it loads
         if self.composer is not None and self.direction != "c2i":
             raise ValueError(f"composer {self.composer!r} applies to composed queries only (--direction c2i)")
         self._check_ranges()
@@ -101,6 +102,14 @@ class RunConfig:
         if (self.resume or self.overwrite) and not self.out:
             raise ValueError(f"--{'resume' if self.resume else 'overwrite'} applies to an output directory: "
                              f"give --out")
+
+    @property
+    def query_modality(self) -> str:
+        return modalities.parse_direction(self.direction)[0]
+
+    @property
+    def gallery_modality(self) -> str:
+        return modalities.parse_direction(self.direction)[1]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:

@@ -32,9 +32,10 @@ def source_weights(spec: str, seed: int, device: str = "cpu") -> str:
 def encode_all(model: DualEncoder, dataset: RetrievalDataset, modality: str, batch_size: int = 256,
                max_words: int = 30, num_workers: int | None = 0, device: str = "cpu", progress: bool = False,
                indices: list[int] | None = None):
-    """Clean images or texts of ``dataset`` (all, or ``indices``) through ``model`` in order (no cache, no shift)."""
+    """Clean items of ``modality`` of ``dataset`` (all, or ``indices``) through ``model`` in order (no cache, no
+    shift)."""
     if indices is None:
-        indices = list(range(len(dataset.images) if modality == "image" else len(dataset.texts)))
+        indices = list(range(dataset.count(modality)))
     items = QueryItems(dataset, modality, indices, shifts.QueryShift(), 0, model, max_words)
     batches = stream_batches(len(indices), batch_size)
     chunks = []
@@ -71,7 +72,7 @@ def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str,
         key_fields.append("threads")
     key = hashlib.sha256(json.dumps([manifest[k] for k in key_fields]).encode()).hexdigest()[:24]
     store = EmbeddingStore(os.path.join(cache_dir or default_cache_dir(), "gallery", key))
-    n = len(dataset.images) if modality == "image" else len(dataset.texts)
+    n = dataset.count(modality)
     with store.locked():
         if not store.complete(manifest):
             store.fill(manifest, n, lambda rows: encode_all(

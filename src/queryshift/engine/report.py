@@ -62,7 +62,7 @@ def summarise(cfg: RunConfig, rows: list[dict], dataset, shift, bad_items: list[
     result["skipped_updates"] = sum(1 for row in rows if "skipped" in row)
     result.update({
         "direction": cfg.direction, "method": cfg.method, "shift": shift.name, "model": cfg.model,
-        "dataset": dataset.name, "n_gallery": len(dataset.texts if cfg.direction == "i2t" else dataset.images),
+        "dataset": dataset.name, "n_gallery": dataset.count(cfg.gallery_modality),
         "seed": cfg.seed, "config": dataclasses.asdict(cfg), "lr": cfg.resolved_lr(),
         "versions": versions(), "git_commit": git_commit(),
     })

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .. import distributed, methods
 from ..data import DataError, duplicate_entries, load_dataset
 from ..methods.hparams import min_batch_size
+from ..modalities import COMPOSED, check_direction
 from ..models.composed import compose
 from .composed import build_query_shift, rank_queries
 from .config import RunConfig
@@ -85,7 +86,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         raise DataError(f"image_root {cfg.image_root}: not a directory (the folder the dataset's image paths "
                         f"are relative to)")
     dataset = load_dataset(cfg.data, cfg.image_root, cfg.max_words)
-    shift = build_query_shift(cfg.shift, dataset.query_items(cfg.direction)[0], cfg.seed)  # a bad shift fails here
+    dataset.relevance(cfg.query_modality, cfg.gallery_modality)  # a dataset without the direction's items fails here
+    shift = build_query_shift(cfg.shift, cfg.query_modality, cfg.seed)  # a bad shift fails here
     rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite, cfg) if cfg.out and distributed.is_main() else None
     try:
         with pinned_threads(cfg.threads):
@@ -123,10 +125,10 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     warnings = setting_warnings(cfg, dataset) if main_rank else []
     model = load_source(cfg.model, cfg.seed, cfg.device)
     weights = weights_digest(model)  # before any adaptation: which source weights this run started from
-    if cfg.direction == "c2i":  # the composed query encoder: the model's own composer, --composer or sum
+    modality, gallery_modality = check_direction(cfg.direction, model.towers, model.name)
+    if modality == COMPOSED:  # the composed query encoder: the model's own composer, --composer or sum
         model = compose(model, cfg.composer).to(cfg.device)
-    modality, n_queries, relevance = dataset.query_items(cfg.direction)
-    gallery_modality = "text" if modality == "image" else "image"
+    n_queries, relevance = dataset.count(modality), dataset.relevance(modality, gallery_modality)
     if not main_rank:
         distributed.barrier()  # rank 0 encodes (and caches) the gallery first; the others then read the cache
     gallery = encode_gallery(model, dataset, gallery_modality, cache_dir=cfg.cache_dir,

@@ -12,13 +12,16 @@ With logits ``z = q . G^T / tau`` over the full gallery and entropies ``H``:
    is added), not ``1/(exp(-PLPD) + 0.1)`` as an earlier reading of it (and this code before) had it.
 Scores: the logits ``z``.
 
+Video queries: every frame's patches are shuffled (its own permutation), the image rule per frame. Audio
+queries have no patch augmentation in DeYO; they are treated as texts are.
+
 Text queries: as in the TCR code, ``x'`` is the unchanged texts and the PLPD threshold is -1, so PLPD = 0
 and the PLPD filter is inactive (DeYO reduces to entropy-filtered, re-weighted Tent). We set PLPD = 0
 directly instead of running the identical forward a second time.
 
 Defaults: ``tau`` 0.01 (the TCR code's per-dataset temperature, set by configs via ``hparams``), ``deyo_margin``
 0.5 and ``margin_e0`` 0.4 (fractions, as the TCR code; the original DeYO uses entropy margins scaled by
-ln(num classes)), ``patch_len`` 4, ``plpd_threshold`` None = 0.0 for images, -1.0 for texts.
+ln(num classes)), ``patch_len`` 4, ``plpd_threshold`` None = 0.0 for images and video, -1.0 for texts and audio.
 
 Deviations: only the ``patch`` augmentation (the one the TCR code uses) is implemented. The image is
 resized to a multiple of ``patch_len`` and back only when its size is not already a multiple, height
@@ -34,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import modalities
 from . import components as C
 from .base import Method
 from .hparams import HP
@@ -53,6 +57,18 @@ def patch_shuffle(images: torch.Tensor, grid: int = 4, generator: torch.Generato
     return F.interpolate(x, size=(h, w), mode="bilinear", antialias=True) if resize else x
 
 
+def shuffle_frames(batch: torch.Tensor, grid: int = 4, generator: torch.Generator | None = None):
+    """:func:`patch_shuffle` of an image batch (B x C x H x W), or of every frame of a video batch
+    (B x T x C x H x W, frames first as video towers take them), each frame with its own permutation."""
+    if batch.dim() == 4:
+        return patch_shuffle(batch, grid, generator)
+    if batch.dim() != 5:
+        raise ValueError(f"deyo: patch shuffling needs images (B x C x H x W) or clips (B x T x C x H x W), got "
+                         f"a batch of shape {tuple(batch.shape)}")
+    b, t = batch.shape[:2]
+    return patch_shuffle(batch.reshape(b * t, *batch.shape[2:]), grid, generator).reshape(batch.shape)
+
+
 def deyo_weight(ent: torch.Tensor, thr: float, plpd: torch.Tensor) -> torch.Tensor:
     """The TCR code's DeYO sample weight ``1/(exp(H - thr) + 0.1) + exp(PLPD) + 0.1`` (no gradient)."""
     return 1 / (torch.exp(ent.detach() - thr) + 0.1) + (1 / torch.exp(-plpd.detach()) + 0.1)
@@ -67,6 +83,11 @@ class DeYO(Method):
                    "margin_e0": HP(float, ge=0, le=1), "patch_len": HP(int, ge=1),
                    "plpd_threshold": HP(float, none=True)}
 
+    @property
+    def spatial(self) -> bool:
+        """Whether the queries are pictures (images, video frames) whose patches can be shuffled."""
+        return modalities.get(self.modality).spatial
+
     def _logits(self, query_batch):
         return C.gallery_logits(self.encode(query_batch), self.gallery, self.hp["tau"])
 
@@ -80,16 +101,16 @@ class DeYO(Method):
         if sel.any():
             probs = logits[sel].detach().softmax(dim=1)
             pseudo = probs.argmax(dim=1, keepdim=True)
-            if self.modality == "image":
+            if self.spatial:
                 with torch.no_grad():
-                    shuffled = patch_shuffle(C.index_batch(query_batch, sel), hp["patch_len"], self.generator)
+                    shuffled = shuffle_frames(C.index_batch(query_batch, sel), hp["patch_len"], self.generator)
                     probs_aug = self._logits(shuffled).softmax(dim=1)
                 plpd = (probs.gather(1, pseudo) - probs_aug.gather(1, pseudo)).squeeze(1)
             else:
                 plpd = torch.zeros(len(probs), device=probs.device)
             plpd_thr = hp["plpd_threshold"]
             if plpd_thr is None:
-                plpd_thr = 0.0 if self.modality == "image" else -1.0
+                plpd_thr = 0.0 if self.spatial else -1.0
             keep = plpd > plpd_thr
             info["n_selected"] = int(keep.sum())
             if keep.any():

@@ -24,7 +24,7 @@ class QueryShift:
     """Base: the identity shift (clean queries)."""
 
     name = "clean"
-    modality: str | None = None  # "image", "text" or None (both)
+    modality: str | None = None  # the query modality it shifts (queryshift.modalities), or None (any)
 
     def __call__(self, item: Any, index: int, position: int, total: int, rng: np.random.Generator) -> Any:
         return item

@@ -15,11 +15,14 @@ Spec grammar::
     stream:continual-diverse[@BLOCK][=SPEC,...]    the continual stream's length, shifts interleaved in blocks
     a name from shifts.domain.DOMAIN_SHIFTS        e.g. style:outline (when that module is installed)
 
-Severities: image corruptions 1-5; character- and word-level text corruptions 1-7; sentence-level 1.
+Severities: image, audio and video shifts 1-5; character- and word-level text corruptions 1-7; sentence-level 1.
+A name is looked up in the catalogue of the query modality first: ``gaussian_noise`` is an image corruption for
+image queries, READ's frame corruption for video queries and READ's additive noise for audio queries.
 ``+filter`` turns on MM_Robustness's semantic-similarity redraw (EDA, ip and style shifts).
 
 Validation shifts (``VALIDATION_SHIFTS``): the image corruptions gaussian_blur, spatter and saturate (1-5),
-the image style ``style:sketch`` and the caption style ``style:chatty``. They exist to choose
+the image style ``style:sketch``, the caption style ``style:chatty``, the audio shifts lowpass and bitcrush
+and the video frame corruptions gaussian_blur, spatter and saturate. They exist to choose
 hyper-parameters on; no test table or test suite uses them (``is_validation`` tells them apart).
 """
 
@@ -31,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import modalities
 from . import QueryShift
+from .audio import AUDIO_SHIFTS, AUDIO_VALIDATION_SHIFTS, AudioShift
 from .image import IMAGE_CORRUPTIONS, VALIDATION_CORRUPTIONS, ImageCorruption
 from .streams import (
     DEFAULT_BLOCK,
@@ -45,15 +50,26 @@ from .streams import (
     TemporalStream,
 )
 from .text import SENTENCE_CORRUPTIONS, TEXT_CORRUPTIONS, TextCorruption
+from .video import VIDEO_SHIFTS, VIDEO_VALIDATION_SHIFTS, VideoShift
 
-__all__ = ["IMAGE_CORRUPTIONS", "TEXT_CORRUPTIONS", "VALIDATION_SHIFTS", "ALIASES", "build_shift", "list_shifts",
+__all__ = ["IMAGE_CORRUPTIONS", "TEXT_CORRUPTIONS", "AUDIO_SHIFTS", "VIDEO_SHIFTS", "VALIDATION_SHIFTS", "CATALOGUES",
+           "ALIASES", "build_shift", "list_shifts",
            "is_validation", "WrongModality", "register_shift", "unregister_shift"]
 
 
 class WrongModality(ValueError):
     """A known shift of the other query modality (a composed query tries each part on both sides)."""
 
-MODALITIES = ("image", "text")
+# the query modalities with a shift catalogue of their own (a composed query uses the image and text ones)
+MODALITIES = tuple(m for m, kind in modalities.MODALITIES.items() if kind.shift_families == (m,))
+# query modality -> the corruption names of its catalogue (test and validation shifts)
+CATALOGUES = {
+    "image": IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS,
+    "text": TEXT_CORRUPTIONS,
+    "audio": AUDIO_SHIFTS + AUDIO_VALIDATION_SHIFTS,
+    "video": VIDEO_SHIFTS + VIDEO_VALIDATION_SHIFTS,
+}
+TOP_SEVERITY = {"image": 5, "text": 7, "audio": 5, "video": 5}
 STREAMS = ("stream:temporal", "stream:diverse", "stream:continual", "stream:continual-s3",
            "stream:continual-diverse")
 # stream kind -> (default member shifts per modality, class, whether @BLOCK applies)
@@ -74,7 +90,9 @@ ALIASES = {
 
 VALIDATION_STYLE_NAMES = ("style:sketch", "style:chatty")
 # the bare names; corruptions take a severity (gaussian_blur:5)
-VALIDATION_SHIFTS = {"image": VALIDATION_CORRUPTIONS + ("style:sketch",), "text": ("style:chatty",)}
+VALIDATION_SHIFTS = {"image": VALIDATION_CORRUPTIONS + ("style:sketch",), "text": ("style:chatty",),
+                     "audio": AUDIO_VALIDATION_SHIFTS, "video": VIDEO_VALIDATION_SHIFTS}
+VALIDATION_NAMES = frozenset(VALIDATION_CORRUPTIONS + AUDIO_VALIDATION_SHIFTS + VIDEO_VALIDATION_SHIFTS)
 
 
 def is_validation(spec: str | None) -> bool:
@@ -88,7 +106,7 @@ def is_validation(spec: str | None) -> bool:
     spec = spec.removesuffix("+filter")
     if spec in VALIDATION_STYLE_NAMES or f"style:{spec}" in VALIDATION_STYLE_NAMES:
         return True
-    return spec.partition(":")[0] in VALIDATION_CORRUPTIONS
+    return spec.partition(":")[0] in VALIDATION_NAMES
 
 
 def _domain_shifts() -> tuple[dict, str | None]:
@@ -125,7 +143,8 @@ def register_shift(name: str, fn: Callable[[Any, np.random.Generator], Any], mod
                    replace: bool = False) -> None:
     """Make ``--shift NAME`` apply ``fn(item, rng) -> item`` to every query of ``modality``.
 
-    ``item`` is a PIL image for ``"image"`` and a caption string for ``"text"``; ``rng`` is the query's own
+    ``item`` is what ``dataset.load`` gives for ``modality`` (:mod:`queryshift.modalities`: a PIL image, a
+    caption string, a mono float32 waveform at 16 kHz, a uint8 clip [T, H, W, 3]); ``rng`` is the query's own
     ``numpy.random.Generator`` (a function of the run's seed and the query's index), so the shift is
     reproducible and resumable. Registering a name again with the same function does nothing; another one is
     refused unless ``replace`` is true, and a name of the catalogue (a corruption, alias, style or stream) is
@@ -138,7 +157,7 @@ def register_shift(name: str, fn: Callable[[Any, np.random.Generator], Any], mod
     if not callable(fn):
         raise TypeError(f"shift {name!r}: fn must be callable as fn(item, rng), got {fn!r}")
     builtin, _ = _domain_shifts() if name not in USER_SHIFTS else ({}, None)
-    catalogue = set(IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS + TEXT_CORRUPTIONS) | set(ALIASES) | set(builtin)
+    catalogue = {n for names in CATALOGUES.values() for n in names} | set(ALIASES) | set(builtin)
     if name in catalogue or name.partition(":")[0] in catalogue:
         raise ValueError(f"shift {name!r} is already a built-in shift name; choose another")
     current = USER_SHIFTS.get(name)
@@ -155,7 +174,7 @@ def unregister_shift(name: str) -> None:
 def list_shifts(modality: str) -> list[str]:
     """Every shift name valid for queries of ``modality`` (severities: see the module docstring)."""
     _check_modality(modality)
-    names = list(IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS if modality == "image" else TEXT_CORRUPTIONS)
+    names = list(CATALOGUES[modality])
     domains, _ = _domain_shifts()
     return names + [d for d in domains if _fits(domains[d], modality)] + list(STREAMS)
 
@@ -171,13 +190,15 @@ def _fits(factory, modality: str) -> bool:
 
 def _check_modality(modality: str) -> None:
     if modality not in MODALITIES:
-        raise ValueError(f"query modality must be 'image' or 'text', got {modality!r}")
+        raise ValueError(f"query modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
 
 
 def _wrong_modality(name: str, shift_modality: str, modality: str) -> WrongModality:
+    letters = {m: modalities.letter(m) for m in MODALITIES}
     return WrongModality(f"shift {name!r} corrupts {shift_modality} queries, but the queries here are {modality} "
-                      f"(image queries: i2t; text queries: t2i). Valid {modality} shifts: "
-                      + ", ".join(list_shifts(modality)))
+                         f"(the query is the first letter of --direction: "
+                         + ", ".join(f"{m} {x}2..." for m, x in letters.items())
+                         + f"). Valid {modality} shifts: " + ", ".join(list_shifts(modality)))
 
 
 def build_shift(spec: str, modality: str, seed: int = 0, semantic_filter: bool = False) -> QueryShift:
@@ -202,27 +223,28 @@ def build_shift(spec: str, modality: str, seed: int = 0, semantic_filter: bool =
             return shift
     name, _, level_text = spec.partition(":")
     name = ALIASES.get(name, name)
-    image_names = IMAGE_CORRUPTIONS + VALIDATION_CORRUPTIONS
-    if name not in image_names and name not in TEXT_CORRUPTIONS:
+    # the query modality's own catalogue first: gaussian_noise is a corruption of images, video and audio alike
+    owners = [m for m in MODALITIES if name in CATALOGUES[m]]
+    if not owners:
         hint = f" (domain styles unavailable: {domain_error})" if domain_error and ":" in spec else ""
         raise ValueError(f"unknown shift {spec!r}{hint}. Valid {modality} shifts: "
                          + ", ".join(list_shifts(modality)) + "; aliases: " + ", ".join(ALIASES))
-    shift_modality = "image" if name in image_names else "text"
+    shift_modality = modality if modality in owners else owners[0]
     if shift_modality != modality:
-        raise _wrong_modality(name, shift_modality, modality)
+        raise _wrong_modality(name, " and ".join(owners), modality)
     if not level_text:
         if name not in SENTENCE_CORRUPTIONS:
-            top = 5 if shift_modality == "image" else 7
+            top = TOP_SEVERITY[shift_modality]
             raise ValueError(f"shift {name!r} needs a severity, e.g. {name}:{top} (1-{top})")
         level_text = "1"
     try:
         level = int(level_text)
     except ValueError:
         raise ValueError(f"shift {spec!r}: severity must be an integer, got {level_text!r}") from None
-    if shift_modality == "image":
+    if shift_modality != "text":
         if asked_filter:
-            raise _filter_does_not_apply(f"{name}:{level}", "an image corruption")
-        return ImageCorruption(name, level)
+            raise _filter_does_not_apply(f"{name}:{level}", f"an {shift_modality} corruption")
+        return {"image": ImageCorruption, "audio": AudioShift, "video": VideoShift}[shift_modality](name, level)
     shift = TextCorruption(name, level, semantic_filter=semantic_filter)
     if asked_filter and shift.filter is None:  # TextCorruption knows which corruptions the redraw applies to
         raise _filter_does_not_apply(shift.name, "a character-level corruption or back-translation")

@@ -19,10 +19,16 @@ from . import QueryShift
 DEFAULT_TEMPORAL = {
     "image": ("clean", "gaussian_noise:5", "defocus_blur:5", "snow:5", "contrast:5", "jpeg_compression:5"),
     "text": ("clean", "OcrAug:5", "RandomCharAug_swap:5", "sr:7", "rd:7", "ip:7"),
+    # clean -> additive noise -> environment -> room -> transmission
+    "audio": ("clean", "gaussian_noise:5", "traffic:5", "rain:5", "reverb:5", "codec:5"),
+    # clean -> sensor noise -> blur -> weather -> transmission
+    "video": ("clean", "gaussian_noise:5", "defocus_blur:5", "snow:5", "contrast:5", "h264:5"),
 }
 DEFAULT_DIVERSE = {
     "image": ("gaussian_noise:5", "defocus_blur:5", "snow:5", "contrast:5", "jpeg_compression:5"),
     "text": ("KeyboardAug:5", "OcrAug:5", "RandomCharAug_insert:5", "sr:7", "ri:7", "rs:7"),
+    "audio": ("gaussian_noise:5", "traffic:5", "crowd:5", "wind:5", "telephone:5"),
+    "video": ("gaussian_noise:5", "defocus_blur:5", "snow:5", "contrast:5", "frame_drop:5"),
 }
 DEFAULT_BLOCK = 64  # one global query batch
 # the usual continual-TTA order of the 16 image corruptions (CoTTA and its successors)
@@ -32,11 +38,21 @@ CONTINUAL_IMAGE_ORDER = ("gaussian_noise", "shot_noise", "impulse_noise", "defoc
 # character- and word-level text corruptions at their strongest level (sentence-level ones need hub models)
 CONTINUAL_TEXT = ("KeyboardAug:7", "OcrAug:7", "RandomCharAug_insert:7", "RandomCharAug_substitute:7",
                   "RandomCharAug_swap:7", "RandomCharAug_delete:7", "sr:7", "ri:7", "rs:7", "rd:7", "ip:7")
+# READ's audio corruptions (its Gaussian noise, then its five environmental noises), then the everyday ones
+CONTINUAL_AUDIO_ORDER = ("gaussian_noise", "traffic", "crowd", "rain", "thunder", "wind", "reverb", "pitch_shift",
+                         "time_stretch", "clipping", "telephone", "codec", "dropout")
+# READ's 15 frame corruptions in the continual-TTA order (it has no speckle noise), then the temporal ones
+CONTINUAL_VIDEO_ORDER = tuple(c for c in CONTINUAL_IMAGE_ORDER if c != "speckle_noise") + (
+    "frame_drop", "frame_rate", "h264")
 DEFAULT_CONTINUAL = {  # stream:continual (severity 5), stream:continual-s3 (severity 3)
     "image": tuple(f"{c}:5" for c in CONTINUAL_IMAGE_ORDER),
     "text": CONTINUAL_TEXT,
+    "audio": tuple(f"{c}:5" for c in CONTINUAL_AUDIO_ORDER),
+    "video": tuple(f"{c}:5" for c in CONTINUAL_VIDEO_ORDER),
 }
-DEFAULT_CONTINUAL_S3 = {"image": tuple(f"{c}:3" for c in CONTINUAL_IMAGE_ORDER), "text": CONTINUAL_TEXT}
+DEFAULT_CONTINUAL_S3 = {"image": tuple(f"{c}:3" for c in CONTINUAL_IMAGE_ORDER), "text": CONTINUAL_TEXT,
+                        "audio": tuple(f"{c}:3" for c in CONTINUAL_AUDIO_ORDER),
+                        "video": tuple(f"{c}:3" for c in CONTINUAL_VIDEO_ORDER)}
 
 
 class _Stream(QueryShift):
