@@ -45,9 +45,19 @@ AUDIO_EXTENSIONS = (".wav", ".flac")  # tried in this order when a dataset names
 # -- decoding ---------------------------------------------------------------------------------------------------
 
 
+def _library(name: str):
+    """Import a media library of the ``av`` extra, saying how to install it when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(f"reading audio/video files needs {name}: pip install 'queryshift[av]'") from err
+
+
 def read_video(path: str, frames: int = FRAMES, where: str = "") -> np.ndarray:
     """``frames`` RGB frames sampled uniformly over the first :data:`MAX_SECONDS` of a video -> uint8 [T, H, W, 3]."""
-    import av
+    av = _library("av")
 
     label = f"{where}: " if where else ""
     _check_file(path, where)
@@ -83,8 +93,7 @@ def read_video(path: str, frames: int = FRAMES, where: str = "") -> np.ndarray:
 
 def read_audio(path: str, where: str = "") -> np.ndarray:
     """A sound file (soundfile: WAV, FLAC, ...) or a media file's sound track (PyAV) -> mono float32 at 16 kHz."""
-    import soundfile as sf
-
+    sf = _library("soundfile")
     _check_file(path, where)
     try:
         samples, rate = sf.read(path, dtype="float32", always_2d=True)
@@ -97,7 +106,7 @@ def read_audio(path: str, where: str = "") -> np.ndarray:
 
 def read_track(path: str, where: str = "") -> np.ndarray:
     """The first sound track of a media file, decoded and resampled by PyAV (libswresample) to mono 16 kHz."""
-    import av
+    av = _library("av")
 
     label = f"{where}: " if where else ""
     _check_file(path, where)

@@ -195,7 +195,11 @@ class CAVMAEEncoder(DualEncoder):
 
     def preprocess_audio(self, waveform) -> torch.Tensor:
         """Mono float32 waveform at 16 kHz -> the normalised fbank [audio_length, mel_bins]."""
-        import kaldi_native_fbank as knf
+        try:
+            import kaldi_native_fbank as knf
+        except ImportError as err:
+            raise ImportError("cav-mae's audio front end needs kaldi-native-fbank: "
+                              "pip install 'queryshift[av]'") from err
 
         wave = np.asarray(waveform, dtype=np.float32)
         if wave.ndim != 1:
