@@ -186,3 +186,15 @@ def test_cli_names_the_valid_directions_of_the_model(tiny_av, tmp_path, capsys):
                      "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
     err = capsys.readouterr().err
     assert code != 0 and "queryshift run: error: direction 't2v'" in err and "v2a, a2v" in err
+
+
+def test_a_bench_grid_keeps_the_shifts_of_each_directions_query_modality():
+    from queryshift.bench.plan import plan_grid
+
+    runs = plan_grid(["source"], ["clean", "traffic:5", "fog:3", "gaussian_noise:2"], ["a2v", "v2a", "i2t"])[0]["runs"]
+    kept = {(labels["direction"], labels["shift"]) for labels, _ in runs}
+    assert kept == {("a2v", "clean"), ("a2v", "traffic:5"), ("a2v", "gaussian_noise:2"),
+                    ("v2a", "clean"), ("v2a", "fog:3"), ("v2a", "gaussian_noise:2"),
+                    ("i2t", "clean"), ("i2t", "fog:3"), ("i2t", "gaussian_noise:2")}
+    with pytest.raises(ValueError, match="severity"):
+        plan_grid(["source"], ["traffic:9"], ["a2v"])

@@ -13,7 +13,6 @@ from ..engine import RunConfig
 from .suites import description, grid_size, suite_path
 from .tables import check_metric, table_metrics
 
-QUERY_MODALITY = {"i2t": "image", "t2i": "text"}
 # a grid above this many runs is refused unless the caller raises the cap (--max-runs): a typo in an axis can
 # turn a small suite into hours of runs, and building every point of such a grid alone takes minutes
 DEFAULT_MAX_RUNS = 2000
@@ -87,8 +86,8 @@ def check_shifts(tables) -> None:
     checked = set()
     for t in tables:
         for labels, cfg in t["runs"]:
-            key = (cfg.shift, QUERY_MODALITY.get(cfg.direction))
-            if key[1] is None or key in checked:
+            key = (cfg.shift, cfg.query_modality)
+            if key[1] == "composed" or key in checked:  # composed shifts are checked when their run starts
                 continue
             checked.add(key)
             if loads_models(cfg.shift):
@@ -114,26 +113,35 @@ def loads_models(spec: str | None) -> bool:
 
 
 def fits(shift: str, direction: str) -> bool:
+    """Whether ``shift`` applies to the queries of ``direction`` (its first letter: :mod:`queryshift.modalities`);
+    a shift that exists for no query modality, or with a bad severity, raises its own error."""
     from .. import shifts
-    from ..shifts.registry import ALIASES, IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS
+    from ..modalities import COMPOSED, parse_direction
+    from ..shifts.registry import ALIASES, CATALOGUES, MODALITIES
 
     spec = None if shift == "clean" else shift
-    if direction == "c2i":  # composed queries take image, text and combined shifts alike
+    modality = parse_direction(direction)[0]
+    if modality == COMPOSED:  # composed queries take image, text and combined shifts alike
         from ..engine.composed import build_composed_shift
 
         build_composed_shift(spec)
         return True
-    modality, other = ("image", "text") if direction == "i2t" else ("text", "image")
     name = (spec or "").partition(":")[0]
     name = ALIASES.get(name, name)
-    if name in IMAGE_CORRUPTIONS or name in TEXT_CORRUPTIONS:  # a corruption's own modality decides
-        own = "image" if name in IMAGE_CORRUPTIONS else "text"
-        if not loads_models(spec):
-            shifts.build(spec, own)  # e.g. a severity out of range: that error, not a modality mismatch
-        return own == modality
+    owners = [m for m in MODALITIES if name in CATALOGUES[m]]
+    if owners:  # a corruption's own modalities decide (gaussian_noise: image, audio and video)
+        if not loads_models(spec):  # e.g. a severity out of range: that error, not a modality mismatch
+            shifts.build(spec, modality if modality in owners else owners[0])
+        return modality in owners
     try:
         shifts.build(spec, modality)
         return True
-    except ValueError:
-        shifts.build(spec, other)  # a shift valid for neither modality re-raises its own error here
-        return False
+    except ValueError as err:
+        for other in MODALITIES:  # a style of another modality does not fit; a shift of none is an error
+            if other != modality:
+                try:
+                    shifts.build(spec, other)
+                    return False
+                except ValueError:
+                    continue
+        raise err from None

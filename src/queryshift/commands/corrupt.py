@@ -1,4 +1,5 @@
-"""``queryshift corrupt``: write COCO-C / Flickr-C style corrupted copies of a Karpathy-split dataset.
+"""``queryshift corrupt``: write COCO-C / Flickr-C style corrupted copies of a Karpathy-split dataset, or
+AudioSet-C / VGGSound-C style copies of audio and video files (:mod:`.corrupt_media`).
 
 The layout is the one TCR's configs and benchmark users expect:
 
@@ -27,9 +28,10 @@ import sys
 
 from ..atomic import atomic_file, write_text
 from ..shifts import item_rng
+from .corrupt_media import is_media, write_media
 
 MARKER = ".queryshift-corrupt"
-OUTPUT_PATTERNS = (MARKER, ".queryshift.lock", "*_IP_*", "annotation_*")
+OUTPUT_PATTERNS = (MARKER, ".queryshift.lock", "*_IP_*", "annotation_*", "*_AUDIO_*", "*_VIDEO_*")
 
 IMAGE_SEVERITIES = (1, 2, 3, 4, 5)
 TCR_TEXT_LEVELS = {"char": range(1, 8), "word": (6, 7), "sentence": (1,)}  # what the TCR YAMLs ship
@@ -43,7 +45,9 @@ def add_parser(subparsers) -> None:
                     "<out>/annotation_<Name>/<level>/<json name> for text corruptions. Images keep their "
                     "relative path from the JSON (the loader also falls back to flat <basename>.jpg, the "
                     "layout MM_Robustness itself writes).")
-    p.add_argument("--data", required=True, help="Karpathy-split JSON, e.g. coco_karpathy_test.json")
+    p.add_argument("--data", required=True, help="Karpathy-split JSON, e.g. coco_karpathy_test.json; or an audio "
+                   "(.wav, .flac) or video (.mp4) file, or a folder of them: copies go to "
+                   "<out>/<prefix>_AUDIO_<shift>_<severity>/ and <out>/<prefix>_VIDEO_<shift>_<severity>/")
     p.add_argument("--image-root", dest="image_root", help="folder the JSON's image paths are relative to "
                    "(needed for image corruptions)")
     p.add_argument("--shift", action="append", required=True, metavar="NAME:SEVERITY",
@@ -123,6 +127,12 @@ def main(args) -> int:
     check_prefix(args.prefix)
     check_out(args.out)
     specs = expand_shifts(args.shift)
+    if is_media(args.data):  # audio and video files: their own readers, writers and folders
+        skipped = write_media(args, specs, inside, lambda: _start(args.out))
+        if skipped:
+            print(f"queryshift corrupt: {skipped} file(s) in all were not written (listed above); exit status 1",
+                  file=sys.stderr)
+        return 1 if skipped else 0
     jobs = []  # build every shift first: a bad name or a missing model fails before anything is written
     for spec in specs:
         name = ALIASES.get(spec.partition(":")[0], spec.partition(":")[0])
@@ -133,9 +143,7 @@ def main(args) -> int:
         jobs.append((modality, build_shift(spec, modality, args.seed, args.semantic_filter)))
     if any(m == "image" for m, _ in jobs) and not args.image_root:
         raise ValueError("image corruptions need --image-root (the folder the JSON's image paths live in)")
-    os.makedirs(args.out, exist_ok=True)
-    if not os.path.lexists(os.path.join(args.out, MARKER)):
-        write_text(os.path.join(args.out, MARKER), "written by 'queryshift corrupt'\n")
+    _start(args.out)
     skipped = 0
     for modality, shift in jobs:
         if modality == "image":
@@ -147,6 +155,12 @@ def main(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _start(out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    if not os.path.lexists(os.path.join(out, MARKER)):
+        write_text(os.path.join(out, MARKER), "written by 'queryshift corrupt'\n")
 
 
 # -- images ---------------------------------------------------------------------------------------------------
