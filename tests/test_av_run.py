@@ -198,3 +198,10 @@ def test_a_bench_grid_keeps_the_shifts_of_each_directions_query_modality():
                     ("i2t", "clean"), ("i2t", "fog:3"), ("i2t", "gaussian_noise:2")}
     with pytest.raises(ValueError, match="severity"):
         plan_grid(["source"], ["traffic:9"], ["a2v"])
+
+
+def test_eval_general_after_is_refused_before_the_model_loads_when_no_style_shifts_audio(tiny_av, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setattr("queryshift.engine.runner.load_source", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match="no style shifts audio queries"):
+        run(cfg(tmp_path, direction="a2v", eval_general_after=True))

@@ -178,3 +178,11 @@ def test_suite_shifts_are_known_corruptions():
                 assert name in registry.IMAGE_CORRUPTIONS and level == "5", (path, run["shift"])
             else:
                 assert name in registry.TEXT_CORRUPTIONS and name != "KeyboardAug", (path, run["shift"])
+
+
+def test_check_paths_names_missing_audio_visual_backbones(tmp_path):
+    assert check_paths({"model": "cav-mae:/nowhere/as2m.pth", "data": "shapes-av"}) == [
+        "model: /nowhere/as2m.pth (CAV-MAE checkpoint or its directory)"]
+    assert check_paths({"model": "hf-clap:/nowhere/clap"}) == ["model: /nowhere/clap (model directory)"]
+    (tmp_path / "ckpt.pth").write_bytes(b"")
+    assert check_paths({"model": f"cav-mae:{tmp_path / 'ckpt.pth'}"}) == []

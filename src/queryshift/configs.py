@@ -263,13 +263,15 @@ def check_paths(cfg: dict) -> list[str]:
         missing.append(f"image_root: {root} (image directory)")
     model = cfg.get("model") or ""
     backend, _, spec = model.partition(":")
-    if backend in ("hf-blip", "hf-clip") and spec:
+    if backend in ("hf-blip", "hf-clip", "hf-clap") and spec:
         if os.path.isdir(os.path.expanduser(spec)):
             pass
         elif os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1:
             missing.append(f"model: {spec} (model directory)")
         elif not _hub_cached(spec):
             missing.append(f"model: {spec} (not in the Hugging Face cache; huggingface-cli download {spec})")
+    elif backend == "cav-mae" and spec and not os.path.exists(os.path.expanduser(spec)):
+        missing.append(f"model: {spec} (CAV-MAE checkpoint or its directory)")
     elif backend == "openclip" and "@" in spec:
         ckpt = spec.partition("@")[2]
         if not os.path.isfile(os.path.expanduser(ckpt)):

@@ -25,7 +25,14 @@ from .composed import build_query_shift, rank_queries
 from .config import RunConfig
 from .gallery import encode_gallery, load_source, weights_digest
 from .gallery_index import ExactIndex, build_index, recall_at_k
-from .report import clean_forgetting, format_table, general_forgetting, json_safe, summarise
+from .report import (
+    clean_forgetting,
+    format_table,
+    general_domain_styles,
+    general_forgetting,
+    json_safe,
+    summarise,
+)
 from .retriever import Retriever
 from .rundir import RunDir
 from .stream import QueryItems, loader, query_order, skip_bad_images, stream_batches
@@ -88,6 +95,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     dataset = load_dataset(cfg.data, cfg.image_root, cfg.max_words)
     dataset.relevance(cfg.query_modality, cfg.gallery_modality)  # a dataset without the direction's items fails here
     shift = build_query_shift(cfg.shift, cfg.query_modality, cfg.seed)  # a bad shift fails here
+    if cfg.eval_general_after and cfg.query_modality != "composed" and not general_domain_styles(cfg.query_modality):
+        raise ValueError(f"eval_general_after measures forgetting on the general-domain styles of the query "
+                         f"modality, and no style shifts {cfg.query_modality} queries; leave it out")
     rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite, cfg) if cfg.out and distributed.is_main() else None
     try:
         with pinned_threads(cfg.threads):

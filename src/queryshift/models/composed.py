@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import save_torch
+from ..modalities import COMPOSED
 from .base import TOWERS, DualEncoder
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SHIPPED_COMBINERS = {"shapes-cir": ("shapes-clip", os.path.join(ASSETS, "shapes-cir-combiner.pt"))}
-COMPOSED = "composed"
 
 
 class SumComposer(nn.Module):
