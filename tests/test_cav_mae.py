@@ -209,3 +209,46 @@ def test_checkpoint_errors_named(tmp_path, tiny):
     torch.save(state, broken / "n.pth")
     with pytest.raises(WeightsNotFoundError, match="expected one CAV-MAE checkpoint .* found m.pth, n.pth"):
         load_model(f"cav-mae:{broken}")
+
+
+@pytest.fixture(scope="module")
+def av_clips(tmp_path_factory):
+    """Four MP4 clips with their own AAC tracks (each a different tone and grey level) in an av-files index."""
+    from tests.test_av_files import write_mp4
+
+    pytest.importorskip("av")
+    root = tmp_path_factory.mktemp("avclips")
+    rows = [{"video": write_mp4(root / f"clip{i}.mp4", n_frames=10, tone=300.0 + 150 * i)} for i in range(4)]
+    (root / "clips.json").write_text(json.dumps(rows))
+    return str(root / "clips.json")
+
+
+def own_clip_r1(model, dataset, query: str, gallery: str) -> float:
+    """R@1 (%) of ``query`` items against the ``gallery`` items of the dataset, embedded here by hand."""
+    with torch.no_grad():
+        q = _encode(model, query, [dataset.load(query, i) for i in range(dataset.count(query))])
+        g = _encode(model, gallery, [dataset.load(gallery, i) for i in range(dataset.count(gallery))])
+    relevant = dataset.relevance(query, gallery)
+    return 100.0 * float(np.mean([int(best) in rel for best, rel in zip((q @ g.T).argmax(dim=1), relevant)]))
+
+
+@pytest.mark.parametrize("method, shift", [("source", None), ("tcr", "gaussian_noise:5")])
+def test_queryshift_run_tiny_cav_mae_v2a(tiny, av_clips, tmp_path, method, shift):
+    """``queryshift run`` end to end from a local checkpoint folder and an av-files index: without adaptation or
+    shift its R@1 is the one the model's own embeddings give; TCR under READ's frame noise runs to a result."""
+    from queryshift.cli import main
+    from queryshift.data import load_dataset
+
+    folder, _ = tiny
+    out = tmp_path / "out"
+    code = main(["run", "--model", f"cav-mae:{folder}", "--data", f"av-files:{av_clips}", "--direction", "v2a",
+                 "--method", method, "--batch-size", "2", "--out", str(out)] + (["--shift", shift] if shift else []))
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["n_queries"] == result["n_gallery"] == 4 and result["direction"] == "v2a"
+    assert all(0.0 <= result[k] <= 100.0 for k in ("r1", "r5", "r10", "r_mean", "map"))
+    if shift is None:
+        expected = own_clip_r1(load_model(f"cav-mae:{folder}"), load_dataset(f"av-files:{av_clips}"), "video", "audio")
+        assert result["r1"] == pytest.approx(expected)
+    else:
+        assert result["shift"] == shift
