@@ -232,23 +232,26 @@ def own_clip_r1(model, dataset, query: str, gallery: str) -> float:
     return 100.0 * float(np.mean([int(best) in rel for best, rel in zip((q @ g.T).argmax(dim=1), relevant)]))
 
 
-@pytest.mark.parametrize("method, shift", [("source", None), ("tcr", "gaussian_noise:5")])
-def test_queryshift_run_tiny_cav_mae_v2a(tiny, av_clips, tmp_path, method, shift):
+@pytest.mark.parametrize("direction, method, shift", [("v2a", "source", None), ("v2a", "tcr", "gaussian_noise:5"),
+                                                   ("a2v", "source", None), ("a2v", "tcr", "traffic:5")])
+def test_queryshift_run_tiny_cav_mae(tiny, av_clips, tmp_path, direction, method, shift):
     """``queryshift run`` end to end from a local checkpoint folder and an av-files index: without adaptation or
-    shift its R@1 is the one the model's own embeddings give; TCR under READ's frame noise runs to a result."""
+    shift its R@1 is the one the model's own embeddings give; TCR under READ's frame noise (video queries) or
+    traffic noise (audio queries) runs to a result."""
     from queryshift.cli import main
     from queryshift.data import load_dataset
 
     folder, _ = tiny
     out = tmp_path / "out"
-    code = main(["run", "--model", f"cav-mae:{folder}", "--data", f"av-files:{av_clips}", "--direction", "v2a",
+    code = main(["run", "--model", f"cav-mae:{folder}", "--data", f"av-files:{av_clips}", "--direction", direction,
                  "--method", method, "--batch-size", "2", "--out", str(out)] + (["--shift", shift] if shift else []))
     assert code == 0
     result = json.loads((out / "result.json").read_text())
-    assert result["n_queries"] == result["n_gallery"] == 4 and result["direction"] == "v2a"
+    assert result["n_queries"] == result["n_gallery"] == 4 and result["direction"] == direction
     assert all(0.0 <= result[k] <= 100.0 for k in ("r1", "r5", "r10", "r_mean", "map"))
     if shift is None:
-        expected = own_clip_r1(load_model(f"cav-mae:{folder}"), load_dataset(f"av-files:{av_clips}"), "video", "audio")
+        query, gallery = ("video", "audio") if direction == "v2a" else ("audio", "video")
+        expected = own_clip_r1(load_model(f"cav-mae:{folder}"), load_dataset(f"av-files:{av_clips}"), query, gallery)
         assert result["r1"] == pytest.approx(expected)
     else:
         assert result["shift"] == shift
