@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "run a grid of methods x shifts x directions and write one results table"),
     "corrupt": ("corrupt", "write corrupted copies of a dataset (COCO-C / Flickr-C layout)"),
     "train-source": ("train_source", "train the shapes-world CLIP (shapes-clip-general, shapes-clip)"),
+    "train-av": ("train_av", "train the shapes-av video-audio model (general stage, then customization)"),
     "train-combiner": ("train_combiner",
                        "train a composed-query combiner on a frozen backbone (the shipped shapes-cir one)"),
     "list": ("info", "list the registered methods, shifts, datasets and backbones"),

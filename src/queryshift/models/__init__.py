@@ -37,6 +37,7 @@ ALIASES: dict[str, str] = {
     "shapes-clip": ".shapes_clip",
     "shapes-clip-general": ".shapes_clip",
     "shapes-cir": ".composed",  # shapes-clip with its shipped combiner (composed queries, --direction c2i)
+    "shapes-av": ".shapes_av",  # video-audio (--direction v2a / a2v, --data shapes-av)
 }
 
 
