@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from .inputs import InputError, clean_text, decode_base64, open_image
+from .media import MEDIA_FIELDS, OPENERS, decode_media_b64
 from .service import OnlineService
 
 log = logging.getLogger("queryshift.serve")
@@ -30,6 +31,10 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, description="a text query (searches the gallery's images)")
     image_b64: str | None = Field(None, description="an image file, base64 (searches the gallery's texts)")
+    audio_b64: str | None = Field(None, description="an audio file (WAV, FLAC, OGG ...), base64, where the model "
+                                                    "has an audio tower (searches the other tower's gallery)")
+    video_b64: str | None = Field(None, description="a video file (MP4, WebM ...), base64, where the model has a "
+                                                    "video tower (searches the other tower's gallery)")
     k: int = Field(10, description="how many gallery items to return")
     adapt: bool = Field(True, description="answer with the adapted parameters and adapt on this query "
                                           "(false: the source parameters, and the query is not kept)")
@@ -40,6 +45,8 @@ class Result(BaseModel):
     score: float
     text: str | None = None
     image: str | None = None
+    audio: str | None = None  # the gallery clip's name (its file or key in the dataset)
+    video: str | None = None
 
 
 class SearchResponse(BaseModel):
@@ -152,26 +159,42 @@ def create_app(service: OnlineService) -> FastAPI:
     def stats(history: Annotated[int | None, Query(ge=0, description="only the last N diagnostics points")] = None):
         return service.stats(history)
 
-    def answer(text: str | None, image: bytes | None, k: int, adapt: bool, field: str):
-        if (text is None) == (image is None):
-            raise InputError(422, f"give exactly one of 'text' and '{field}'")
-        if text is not None:
-            return service.search("text", clean_text(text, cfg), k, adapt)
-        return service.search("image", open_image(image, cfg, field), k, adapt)
+    def answer(text: str | None, image: bytes | None, k: int, adapt: bool, field: str,
+               media: dict[str, bytes | None] | None = None, media_fields: dict[str, str] | None = None):
+        given = {"text": text, "image": image, **(media or {})}
+        given = {m: v for m, v in given.items() if v is not None}
+        if len(given) != 1:
+            names = ["'text'", f"'{field}'"] + [f"'{f}'" for f in (media_fields or {}).values()]
+            raise InputError(422, f"give exactly one of {', '.join(names)}")
+        (modality, value), = given.items()
+        if modality == "text":
+            return service.search("text", clean_text(value, cfg), k, adapt)
+        if modality == "image":
+            return service.search("image", open_image(value, cfg, field), k, adapt)
+        if modality not in service.lanes:  # before decoding: a server without that lane refuses cheaply
+            service.query_item(modality, None)
+        return service.search(modality, OPENERS[modality](value, cfg, media_fields[modality]), k, adapt)
 
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
     def search(req: SearchRequest):
-        """Top-k gallery items for a text or a base64 image, with the parameters in force now."""
+        """Top-k gallery items for a text, or a base64 image, audio or video file, with the parameters in force
+        now."""
         image = decode_base64(req.image_b64, cfg) if req.image_b64 is not None else None
-        return answer(req.text, image, req.k, req.adapt, "image_b64")
+        media = {m: decode_media_b64(getattr(req, f), cfg, f) if getattr(req, f) is not None else None
+                 for m, f in MEDIA_FIELDS.items()}
+        return answer(req.text, image, req.k, req.adapt, "image_b64", media, MEDIA_FIELDS)
 
     @app.post("/search/upload", response_model=SearchResponse, response_model_exclude_none=True)
     def search_upload(image: Annotated[UploadFile | None, File()] = None,
+                      audio: Annotated[UploadFile | None, File()] = None,
+                      video: Annotated[UploadFile | None, File()] = None,
                       text: Annotated[str | None, Form()] = None, k: Annotated[int, Form()] = 10,
                       adapt: Annotated[bool, Form()] = True):
-        """The same as ``/search`` from a multipart form: an image file or a text field."""
+        """The same as ``/search`` from a multipart form: an image, audio or video file or a text field."""
         raw = image.file.read(cfg.max_image_bytes + 1) if image is not None else None
-        return answer(text, raw, k, adapt, "image")
+        media = {"audio": audio.file.read(cfg.max_media_bytes + 1) if audio is not None else None,
+                 "video": video.file.read(cfg.max_media_bytes + 1) if video is not None else None}
+        return answer(text, raw, k, adapt, "image", media, {"audio": "audio", "video": "video"})
 
     @app.post("/reset", dependencies=[Depends(authorised)])
     def reset():

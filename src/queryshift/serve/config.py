@@ -7,16 +7,20 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import methods, models
+from .. import methods, modalities, models
+
+# what a lane can serve: every registered modality but the composed one (a composed query is two inputs)
+QUERY_MODALITIES = tuple(m for m in modalities.MODALITIES if m != modalities.COMPOSED)
 
 
 @dataclass
 class ServeConfig:
     model: str = "shapes-clip"
-    data: str = "shapes"  # the gallery dataset: its images answer text queries, its texts image queries
+    data: str = "shapes"  # the gallery dataset: its items of the model's other tower answer each lane's queries
     image_root: str | None = None
     method: str = "rest"
-    modalities: tuple[str, ...] = ("image", "text")  # query modalities served (one adaptation lane each)
+    # query modalities served (one adaptation lane each): towers of the model, e.g. ("video", "audio")
+    modalities: tuple[str, ...] = ("image", "text")
     seed: int = 42
     # the adaptation protocol of each update (as ``queryshift run``)
     steps: int = 3
@@ -47,6 +51,9 @@ class ServeConfig:
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_body_bytes: int = 12 * 1024 * 1024  # base64 makes an image ~4/3 larger
+    max_media_bytes: int = 8 * 1024 * 1024  # an audio or video file
+    max_media_seconds: float = 60.0  # an audio query's duration
+    max_media_frames: int = 1800  # a video query's frames
     history: int = 500  # diagnostics points kept for /stats and the page's plot
     cache_dir: str | None = None
     max_words: int = 30
@@ -55,14 +62,16 @@ class ServeConfig:
 
     def __post_init__(self):
         self.modalities = tuple(self.modalities)
-        bad = [m for m in self.modalities if m not in ("image", "text")]
-        if bad or not self.modalities:
-            raise ValueError(f"modalities must be 'image' and/or 'text', got {list(self.modalities)}")
+        bad = [m for m in self.modalities if m not in QUERY_MODALITIES]
+        if bad or not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be some of {', '.join(QUERY_MODALITIES)} (each once), got "
+                             f"{list(self.modalities)}")
         methods.get(self.method)  # an unknown method fails here, with the list of known ones
         positive = {"micro_batch": self.micro_batch, "adapt_batch": self.adapt_batch, "bank_size": self.bank_size,
                     "steps": self.steps, "max_k": self.max_k, "max_text_chars": self.max_text_chars,
                     "max_image_bytes": self.max_image_bytes, "max_image_pixels": self.max_image_pixels,
-                    "max_body_bytes": self.max_body_bytes, "history": self.history}
+                    "max_body_bytes": self.max_body_bytes, "history": self.history,
+                    "max_media_bytes": self.max_media_bytes, "max_media_frames": self.max_media_frames}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -70,6 +79,8 @@ class ServeConfig:
             raise ValueError(f"adapt_batch ({self.adapt_batch}) must be >= micro_batch ({self.micro_batch})")
         if self.bank_size < self.adapt_batch:
             raise ValueError(f"bank_size ({self.bank_size}) must be >= adapt_batch ({self.adapt_batch})")
+        if not self.max_media_seconds > 0:
+            raise ValueError(f"max_media_seconds must be > 0, got {self.max_media_seconds}")
         if self.max_wait < 0 or self.max_update_rate <= 0:
             raise ValueError(f"max_wait must be >= 0 and max_update_rate > 0, got {self.max_wait}, "
                              f"{self.max_update_rate}")

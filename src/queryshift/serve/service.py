@@ -1,9 +1,9 @@
 """``OnlineService``: the gallery, one adaptation lane per query modality, search, stats, reset, snapshots.
 
-A text query searches the gallery's images and adapts the text tower; an image query searches its texts
-and adapts the image tower. Each lane has a worker-side :class:`~queryshift.engine.Retriever` (the model
-the method adapts) and a memory bank of recent query inputs; the answers come from the
-:class:`~.answering.AnsweringModel`. Locks, and what each one guards:
+A query of one tower searches the gallery's items of the model's other tower and adapts its own tower
+(a text query searches images, an image query texts; a video query sounds, an audio query clips). Each lane
+has a worker-side :class:`~queryshift.engine.Retriever` (the model the method adapts) and a memory bank of
+recent query inputs; the answers come from the :class:`~.answering.AnsweringModel`. Locks, and what each one guards:
 
 - ``answering.lock``: one request's forward, or the copy of freshly adapted parameters into it;
 - ``cond``: the memory banks and the worker's wake-up (held for an append or a batch take-out);
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .. import modalities
 from ..data import load_dataset
 from ..engine import Retriever, encode_gallery, load_source, weights_digest
 from ..engine.stream import collate
@@ -62,6 +63,16 @@ class Lane:
         return self.retriever.gallery
 
 
+def gallery_modality(model, modality: str) -> str:
+    """The gallery a lane of ``modality`` queries searches: the model's other tower."""
+    others = [t for t in model.towers if t != modality]
+    if modality not in model.towers or len(others) != 1:
+        raise ValueError(f"{model.name} has the towers {', '.join(model.towers)}: it cannot serve {modality} "
+                         f"queries (a lane needs the queries' tower and one other); give --modalities among "
+                         f"{', '.join(model.towers)}")
+    return others[0]
+
+
 class OnlineService:
     def __init__(self, cfg: ServeConfig, start_worker: bool = True):
         self.cfg = cfg
@@ -92,8 +103,9 @@ class OnlineService:
         self.model = model
         self.weights = weights_digest(model)  # of the source parameters: snapshots must match it
         galleries = {}
+        gallery_of = {m: gallery_modality(model, m) for m in cfg.modalities}
         for m in cfg.modalities:
-            gm = "text" if m == "image" else "image"
+            gm = gallery_of[m]
             galleries[m] = encode_gallery(model, self.dataset, gm, cache_dir=cfg.cache_dir, device=cfg.device,
                                           max_words=cfg.max_words, progress=cfg.progress,
                                           weights=self.weights).to(cfg.device)
@@ -102,7 +114,7 @@ class OnlineService:
         self.lanes: dict[str, Lane] = {}
         for m in cfg.modalities:
             retriever = Retriever(model, galleries[m], m, cfg.method, cfg.adapt_config(m), cfg.device)
-            self.lanes[m] = Lane(m, "text" if m == "image" else "image", retriever, deque(maxlen=cfg.bank_size))
+            self.lanes[m] = Lane(m, gallery_of[m], retriever, deque(maxlen=cfg.bank_size))
         # Each method freezes the whole model and unfreezes its own tower's LayerNorms, so building the
         # second lane froze the first one's; the lanes adapt disjoint parameters of the one shared model.
         for lane in self.lanes.values():
@@ -135,11 +147,14 @@ class OnlineService:
     # -- answering ---------------------------------------------------------------------------------
 
     def query_item(self, modality: str, value):
-        """A cleaned text or a PIL image -> the model-ready item the bank keeps."""
+        """A cleaned text, a PIL image, a waveform or a clip -> the model-ready item the bank keeps."""
         if modality not in self.lanes:
             raise InputError(422, f"this server answers {' and '.join(self.lanes)} queries, not {modality} queries "
                                   f"(see --modalities)")
-        return self.model.preprocess(value) if modality == "image" else value
+        try:
+            return modalities.get(modality).prepare(self.model, value)
+        except ValueError as err:  # the model's own check of a waveform or clip
+            raise InputError(422, f"{modality} query: {err}") from err
 
     def search(self, modality: str, value, k: int = 10, adapt: bool = True) -> dict[str, Any]:
         """Top-``k`` gallery items for one query, with the parameters in force now; the query then joins
@@ -151,7 +166,7 @@ class OnlineService:
     def answer(self, modality: str, item, k: int = 10, adapt: bool = True) -> dict[str, Any]:
         """:meth:`search` for a model-ready item (a preprocessed image tensor or a cleaned text)."""
         lane = self.lanes[modality]
-        x = lane.retriever.model_input(collate([(0, 0, item)])[2])
+        x = lane.retriever.model_input(collate([(0, 0, item)], modality)[2])
         use_adapted = adapt and self.cfg.adapt
         q, adapted = self.answering.encode(modality, x, source=not use_adapted)
         scores = (q @ lane.gallery.T)[0]
@@ -169,9 +184,12 @@ class OnlineService:
                 "adapted": adapted}
 
     def describe(self, lane: Lane, index: int, score: float) -> dict[str, Any]:
-        if lane.gallery_modality == "text":
-            return {"id": index, "score": round(score, 6), "text": self.dataset.texts[index]}
-        return {"id": index, "score": round(score, 6), "image": f"/gallery/image/{index}"}
+        gm = lane.gallery_modality
+        if gm == "text":
+            return {"id": index, "score": round(score, 6), "text": self.dataset.load("text", index)}
+        if gm == "image":
+            return {"id": index, "score": round(score, 6), "image": f"/gallery/image/{index}"}
+        return {"id": index, "score": round(score, 6), gm: self.dataset.items[gm][index]}  # the clip's name
 
     # -- the worker's side -------------------------------------------------------------------------
 
@@ -220,7 +238,7 @@ class OnlineService:
         retriever = lane.retriever
         with self.adapt_lock:
             t0 = time.monotonic()
-            x = retriever.model_input(collate([(0, 0, it) for it in items])[2])
+            x = retriever.model_input(collate([(0, 0, it) for it in items], lane.modality)[2])
             _, info = retriever.adapt(x)
             q_new, q_src = retriever.encode(x), retriever.encode(x, source=True)
             finite = all(bool(torch.isfinite(p).all()) for p in retriever.method.params)
