@@ -153,3 +153,52 @@ def test_rest_answers_with_its_queries_refined_by_hand(tiny, modality):  # noqa:
         assert torch.allclose(scores, refined[2.0, 1.0], atol=1e-5)
         for wrong in (q @ m.gallery.T, refined[1.0, 1.0], refined[2.0, -1.0]):
             assert not torch.equal(scores.argsort(1), wrong.argsort(1))
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_fisher_rows_from_per_sample_gradients_equal_one_backward_per_query(tiny, monkeypatch, modality):  # noqa: F811
+    """The warm-up's single-query scores come from torch.func's per-sample gradients (no backward per query) and
+    equal the scores of one forward and backward per query, written out here (float32: 1e-5 of the largest)."""
+    m = make(tiny, "rest", modality, steps=1, hparams={"queue_batches": 2})
+    monkeypatch.setattr(C, "looped_grads", lambda *a: pytest.fail("the per-query loop ran"))
+    x = tiny[2][modality][0]
+    m.step(x)
+    rows = torch.stack(m.fisher.rows)
+    assert len(rows) >= 2 and float(rows.abs().max()) > 0
+    # the reference: the chosen queries and labels again (same generator state), one backward each
+    m2 = make(tiny, "rest", modality, steps=1, hparams={"queue_batches": 2})
+    seen = []
+    real = REST._query_scores
+
+    def by_loop(self, query_batch, g, ent, logits, reliable):
+        chosen = self._most_reliable(ent, reliable)
+        labels = C.draw_labels(logits[chosen], self.generator)
+        for i, y in zip(chosen.tolist(), labels):
+            z = C.inbatch_logits(self.encode(C.index_batch(query_batch, torch.tensor([i]))), g, self.hp["tau"])
+            nll = F.cross_entropy(z, y.view(1))
+            seen.append(torch.cat([d.flatten() for d in torch.autograd.grad(nll, self.params)]))
+        return []
+
+    monkeypatch.setattr(REST, "_query_scores", by_loop)
+    m2.step(x)
+    monkeypatch.setattr(REST, "_query_scores", real)
+    expected = torch.stack(seen)
+    assert rows.shape == expected.shape
+    assert torch.allclose(rows, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_the_fisher_falls_back_to_one_backward_per_query_where_vmap_cannot_run(tiny, monkeypatch):  # noqa: F811
+    """A backbone vmap cannot run through (here: ``.item()`` in its forward, data-dependent) gets the same rows
+    from the per-query loop, with one warning."""
+    fast = make(tiny, "rest", "image", steps=1, hparams={"queue_batches": 1})
+    x = tiny[2]["image"][0]
+    fast.step(x)
+    slow = make(tiny, "rest", "image", steps=1, hparams={"queue_batches": 1})
+    real = slow.model.encode
+    monkeypatch.setattr(slow.model, "encode", lambda modality, batch: real(modality, batch) * (
+        1.0 if float(batch.abs().sum().item()) >= 0 else 2.0))
+    with pytest.warns(RuntimeWarning, match="one backward per query"):
+        slow.step(x)
+    assert slow._scores_looped and len(slow.fisher) == len(fast.fisher) >= 2
+    a, b = torch.stack(fast.fisher.rows), torch.stack(slow.fisher.rows)
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(a.abs().max()))

@@ -8,6 +8,7 @@ query, ``tau`` a temperature, entropies in nats.
 - candidate prediction / refinement (top-1 or top-k-mean gallery candidate, in-batch logits),
 - :class:`SourceLikeQueue`, TCR's source-like sample queue (sizes as parameters, vectorised),
 - the QS-robust loss terms (noise-robust entropy, centre-uniformity, modality gap, consistency),
+- per-sample gradients (:func:`per_sample_grads` with ``torch.func``, :func:`looped_grads` one by one),
 - REST's knowledge pull (:class:`BlockFisher`, :func:`knowledge_pull`) and :func:`surrogate_loss`, which lets a
   hand-built gradient go through :meth:`Method.update` (the single NaN guard),
 - :class:`SAM` (sharpness-aware minimisation around a base optimizer) for SAR.
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import distributed
 
@@ -275,6 +277,58 @@ class BlockFisher:
         fd = self._product(self._stacked, d, sizes)
         grads = [t.view_as(p) for t, p in zip(fd.split(sizes), params)]
         return grads, 0.5 * float(fd @ d)
+
+
+class _Bound(torch.nn.Module):
+    """``fn`` as the forward of a module holding ``model``, so that ``torch.func.functional_call`` can swap the
+    model's parameters for the duration of a call of ``fn`` (which reaches the model through its own reference)."""
+
+    def __init__(self, model: torch.nn.Module, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _one_sample_batch(x):
+    """A sample (vmap strips the batch dimension) as a batch of one, for a model that expects a batch."""
+    if isinstance(x, dict):
+        return {k: (v.unsqueeze(0) if torch.is_tensor(v) else v) for k, v in x.items()}
+    return x.unsqueeze(0)
+
+
+def per_sample_grads(model: torch.nn.Module, named_params, loss_of_one, inputs, targets) -> torch.Tensor:
+    """``d/dtheta loss_of_one(x_i, y_i)`` for every sample at once, one flat row per sample (the parameters of
+    ``named_params``, names as in ``model``, concatenated in order): ``torch.func.vmap`` over the ``grad`` of a
+    ``functional_call``. ``loss_of_one(x, y)`` gets one sample as a batch of one (``y`` a 0-d tensor) and must reach
+    the parameters through ``model``. ``inputs`` is a tensor or a dict of tensors with the samples first.
+    Raises RuntimeError where vmap cannot run through the model (data-dependent control flow, ``.item()``, an op
+    without a batching rule that also has no fallback); :func:`looped_grads` gives the same rows one by one."""
+    bound = _Bound(model, lambda x, y: loss_of_one(_one_sample_batch(x), y))
+    names = [n for n, _ in named_params]
+    params = {f"model.{n}": p.detach() for n, p in named_params}
+
+    def loss(theta, x, y):
+        return torch.func.functional_call(bound, theta, (x, y))
+
+    in_dims = ({k: (0 if torch.is_tensor(v) else None) for k, v in inputs.items()} if isinstance(inputs, dict)
+               else 0)
+    # the math attention kernel: CPU flash attention has no batching rule, and vmap's fallback loops per sample
+    with sdpa_kernel(SDPBackend.MATH):
+        grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, in_dims, 0))(params, inputs, targets)
+    return torch.cat([grads[f"model.{n}"].flatten(1) for n in names], dim=1)
+
+
+def looped_grads(params: Sequence[torch.Tensor], loss_of_one, inputs, targets) -> torch.Tensor:
+    """The rows of :func:`per_sample_grads` from one forward and backward per sample (zeros for a parameter the
+    loss does not reach)."""
+    rows = []
+    for i, y in enumerate(targets):
+        loss = loss_of_one(index_batch(inputs, torch.tensor([i])), y)
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if d is None else d).flatten() for p, d in zip(params, grads)]))
+    return torch.stack(rows) if rows else torch.zeros(0, sum(p.numel() for p in params), device=params[0].device)
 
 
 def draw_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -46,6 +46,7 @@ g_k; absent while either is zero), ``know_norm_ratio`` and ``conflict_frac``.
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -147,25 +148,36 @@ class REST(Method):
 
     def _query_scores(self, query_batch, g, ent, logits, reliable):
         """Single-query scores ``d/dtheta -log p_i(y_i)`` of the most reliable queries, in order of entropy, with
-        ``y_i`` drawn from the batch's prediction ``p_i``. Each query is re-encoded alone; data-parallel, every
-        rank scores the queries of its own shard and the scores are gathered, so all ranks hold the same ones."""
+        ``y_i`` drawn from the batch's prediction ``p_i``, each query encoded alone. Data-parallel, every rank scores
+        the queries of its own shard and the scores are gathered, so all ranks hold the same ones."""
         chosen = self._most_reliable(ent, reliable)
         labels = C.draw_labels(logits[chosen], self.generator)
         start, stop = distributed.shard_bounds(len(ent))
-        rows, keys = [], []
-        for order, (i, y) in enumerate(zip(chosen.tolist(), labels)):
-            if start <= i < stop:
-                z = self._predict(self.encode_local(C.index_batch(query_batch, torch.tensor([i - start]))), g)
-                nll = torch.nn.functional.cross_entropy(z, y.view(1), reduction="sum")
-                grads = torch.autograd.grad(nll, self.params, allow_unused=True)
-                rows.append(torch.cat([(torch.zeros_like(p) if d is None else d).flatten()
-                                       for p, d in zip(self.params, grads)]))
-                keys.append(order)
+        mine = [order for order, i in enumerate(chosen.tolist()) if start <= i < stop]
+        keys = torch.tensor(mine, dtype=torch.long, device=logits.device)
+        inputs = C.index_batch(query_batch, chosen[keys] - start)
+        rows, keys = distributed.all_gather_rows(self._score_rows(inputs, g, labels[keys]), keys)
         sizes = [p.numel() for p in self.params]
-        rows, keys = distributed.all_gather_rows(
-            torch.stack(rows) if rows else torch.zeros(0, sum(sizes), device=logits.device),
-            torch.tensor(keys, dtype=torch.long, device=logits.device))
         return [[t.view_as(p) for t, p in zip(rows[k].split(sizes), self.params)] for k in torch.argsort(keys)]
+
+    def _score_rows(self, inputs, g, labels):
+        """The rows (n x P) of :meth:`_query_scores` for ``inputs``: per-sample gradients (``torch.func``; on
+        shapes-clip ~50 queries cost one batch forward and backward, a third of the loop's time), or one backward
+        per query where vmap cannot run through the backbone (e.g. the Hugging Face text towers' data-dependent
+        masking; warned once, then kept for the method's life)."""
+        def nll(x, y):
+            return torch.nn.functional.cross_entropy(self._predict(self.encode_local(x), g), y.view(1),
+                                                     reduction="sum")
+
+        if len(labels) and not getattr(self, "_scores_looped", False):
+            try:
+                return C.per_sample_grads(self.model, self.named_params, nll, inputs, labels)
+            except RuntimeError as err:  # the loop below raises again if the error is not vmap's
+                reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+                warnings.warn(f"rest: per-sample gradients cannot run through this backbone ({reason}); "
+                              "the Fisher warm-up takes one backward per query", RuntimeWarning, stacklevel=2)
+                self._scores_looped = True
+        return C.looped_grads(self.params, nll, inputs, labels)
 
     def _collect_fisher(self, query_batch, a, step):
         """During the queue's warm-up: add the reliable queries' single-query scores to the Fisher estimate."""
