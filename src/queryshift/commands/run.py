@@ -122,7 +122,9 @@ def add_parser(subparsers) -> None:
                         "modification text, against images; v2a video queries against sounds, a2v, a2t, t2a, ... "
                         "(default i2t; a direction the model cannot run names the ones it can)")
     p.add_argument("--method", help="adaptation method, see 'queryshift list' (default source)")
-    p.add_argument("--shift", help="query shift NAME:SEVERITY, a domain style or a stream (default: clean)")
+    p.add_argument("--shift", help="query shift NAME:SEVERITY, a domain style or a stream (default: clean); a "
+                                   "shift of the gallery's modality only (e.g. traffic:5 in v2a) corrupts the "
+                                   "gallery items instead, the queries stay clean (result.json shift_side)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--resume", action="store_const", const=True, help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_const", const=True, help="discard a previous run in --out")

@@ -30,7 +30,9 @@ class RunConfig:
     direction: str = "i2t"  # <query>2<gallery>: i2t, t2i, c2i (composed), v2a, a2v, a2t, ... (the model's towers)
     composer: str | None = None  # c2i: sum, combiner:<file> or a shipped combiner (default: the model's, else sum)
     method: str = "source"
-    shift: str | None = None  # query-side shift, e.g. gaussian_noise:5, RandomCharAug_swap:7, stream:temporal
+    # query-side shift, e.g. gaussian_noise:5, RandomCharAug_swap:7, stream:temporal; a shift of the gallery's
+    # modality only (traffic:5 in v2a) shifts the gallery items instead (engine.gallery.resolve_shift)
+    shift: str | None = None
     batch_size: int = 64
     seed: int = 42
     steps: int = 3

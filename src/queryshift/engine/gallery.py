@@ -1,4 +1,5 @@
-"""What stays fixed during a run: the source model's weights digest and the encoded gallery (cached)."""
+"""What stays fixed during a run: the source model's weights digest and the encoded gallery (cached), and the
+side a ``--shift`` corrupts: the queries, or (a shift of the gallery's modality only) the gallery items."""
 
 from __future__ import annotations
 
@@ -11,11 +12,85 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import shifts
-from ..data import RetrievalDataset
+from ..data import DataError, RetrievalDataset
+from ..modalities import COMPOSED, direction
 from ..models import DualEncoder, load_model
 from ..models.digest import weights_digest
+from ..shifts.registry import WrongModality, list_shifts
+from .composed import build_query_shift
 from .store import EmbeddingStore
 from .stream import QueryItems, loader, stream_batches, to_model_input
+
+QUERY, GALLERY = "query", "gallery"  # the side a run's shift corrupts (result.json ``shift_side``)
+
+
+def resolve_shift(spec: str | None, query_modality: str, gallery_modality: str, seed: int = 0
+                  ) -> tuple[shifts.QueryShift, str | None]:
+    """The shift ``--shift spec`` names and the side it corrupts: ``"query"``, ``"gallery"``, or None (clean).
+
+    A shift of the query modality shifts the queries, exactly as always. A shift of the gallery's modality only
+    (``traffic:5`` in v2a: an audio shift, and the gallery is the audio) corrupts every gallery item instead
+    (a gallery-side shift); the queries stay clean and the method adapts the query tower as always. Composed
+    queries (c2i) and streams stay query-side. A shift of neither side is a ValueError naming the valid shifts
+    of both.
+    """
+    try:
+        shift = build_query_shift(spec, query_modality, seed)
+        return shift, (QUERY if shift.name != "clean" else None)
+    except WrongModality as wrong:
+        if query_modality == COMPOSED:
+            raise
+        query_error = wrong
+    run_direction = direction(query_modality, gallery_modality)
+    try:
+        shift = shifts.build(spec, gallery_modality, seed)
+    except WrongModality:
+        gallery_shifts = [s for s in list_shifts(gallery_modality) if not s.startswith("stream:")]
+        raise ValueError(f"{query_error}; nor the {gallery_modality} gallery of {run_direction} (a shift of the "
+                         f"gallery's modality corrupts the gallery items): valid {gallery_modality} gallery "
+                         f"shifts: " + ", ".join(gallery_shifts)) from None
+    if spec.strip().startswith("stream:"):  # a stream orders shifts over the query stream: no gallery meaning
+        example = next(s for s in list_shifts(gallery_modality) if not s.startswith("stream:"))
+        raise ValueError(f"shift {spec!r} streams {gallery_modality} shifts, but the queries of {run_direction} are "
+                         f"{query_modality} and streams shift the queries only; to shift the {gallery_modality} "
+                         f"gallery give one shift, e.g. {_example(spec, example)}, or stream {query_modality} "
+                         f"shifts") from None
+    return shift, GALLERY
+
+
+def _example(spec: str, fallback: str) -> str:
+    """A member of a stream spec (``stream:temporal=clean,traffic:5`` -> ``traffic:5``), for messages."""
+    members = [m.strip() for m in spec.partition("=")[2].split(",") if m.strip() not in ("", "clean", "none")]
+    return members[0] if members else f"{fallback}:5"
+
+
+def shift_note(shift: shifts.QueryShift, query_modality: str, gallery_modality: str) -> str:
+    """The line a gallery-shifted run prints, so that no one reads its numbers as a query shift's."""
+    return (f"shift {shift.name!r} is a {gallery_modality} shift: the {gallery_modality} gallery is shifted (each "
+            f"item with its own seeded draw) and the {query_modality} queries are clean; the method adapts the "
+            f"{query_modality} tower")
+
+
+class GalleryItems(QueryItems):
+    """Gallery items of one modality under a gallery-side shift, each corrupted with a generator private to
+    (seed, item) (the salt keeps it apart from a query's draw of the same index) at the stream position of its
+    index, so that an item is the same whatever chunk of the gallery it is encoded in."""
+
+    def __getitem__(self, position: int):
+        index = self.order[position]
+        total = self.dataset.count(self.modality)
+        item = self.shift(self.dataset.load(self.modality, index), index, index, total,
+                          shifts.item_rng(self.seed, index, "gallery"))
+        settled = self.kind.settle(item, self.max_words)
+        if settled is None:
+            raise DataError(f"{self.modality} gallery item {index} is empty after the gallery shift "
+                            f"{self.shift.name!r}")
+        return position, index, self.kind.prepare(self.model, settled)
+
+
+def _shift_id(shift: shifts.QueryShift) -> str:
+    """What tells one gallery shift from another in the cache key (the redraw filter changes the items)."""
+    return shift.name + ("+filter" if getattr(shift, "filter", None) is not None else "")
 
 
 def load_source(spec: str, seed: int, device: str = "cpu") -> DualEncoder:
@@ -31,12 +106,16 @@ def source_weights(spec: str, seed: int, device: str = "cpu") -> str:
 @torch.no_grad()
 def encode_all(model: DualEncoder, dataset: RetrievalDataset, modality: str, batch_size: int = 256,
                max_words: int = 30, num_workers: int | None = 0, device: str = "cpu", progress: bool = False,
-               indices: list[int] | None = None):
-    """Clean items of ``modality`` of ``dataset`` (all, or ``indices``) through ``model`` in order (no cache, no
-    shift)."""
+               indices: list[int] | None = None, shift: shifts.QueryShift | None = None, seed: int = 0):
+    """Items of ``modality`` of ``dataset`` (all, or ``indices``) through ``model`` in order (no cache): clean,
+    or each corrupted by the gallery-side ``shift`` with its own generator drawn from ``seed``
+    (:class:`GalleryItems`)."""
     if indices is None:
         indices = list(range(dataset.count(modality)))
-    items = QueryItems(dataset, modality, indices, shifts.QueryShift(), 0, model, max_words)
+    if shift is None or shift.name == "clean":
+        items = QueryItems(dataset, modality, indices, shifts.QueryShift(), 0, model, max_words)
+    else:
+        items = GalleryItems(dataset, modality, indices, shift, seed, model, max_words)
     batches = stream_batches(len(indices), batch_size)
     chunks = []
     for _, _, batch in tqdm(loader(items, batches, num_workers), total=len(batches),
@@ -52,7 +131,8 @@ def default_cache_dir() -> str:
 @torch.no_grad()
 def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str, *, cache_dir: str | None = None,
                    batch_size: int = 256, max_words: int = 30, num_workers: int | None = 0, device: str = "cpu",
-                   progress: bool = False, weights: str | None = None, threads: int | None = None) -> torch.Tensor:
+                   progress: bool = False, weights: str | None = None, threads: int | None = None,
+                   shift: shifts.QueryShift | None = None, seed: int = 0) -> torch.Tensor:
     """The whole gallery encoded once by the source model, from the embedding store (float32 on the CPU).
 
     The store (under ``cache_dir``, default :func:`default_cache_dir`) is keyed by model + weights +
@@ -60,6 +140,8 @@ def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str,
     computed it. ``batch_size``, ``num_workers``, ``device`` and ``progress`` only say how to encode.
     ``threads``: the intra-op thread count the caller pinned for the encoding (a run's ``RunConfig.threads``),
     part of the key, since the thread count changes the last bits of the embeddings.
+    ``shift``: a gallery-side shift (:func:`resolve_shift`) drawn per item from ``seed``; both are part of the
+    key, so a clean gallery is never served for a shifted one, nor one shift or seed for another.
     """
     manifest = {
         "model": model.name, "model_digest": weights or weights_digest(model), "preprocess": model.preprocess_id,
@@ -70,6 +152,10 @@ def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str,
     if threads is not None:  # None (callers that do not pin threads) keeps the keys of stores made before
         manifest["threads"] = threads
         key_fields.append("threads")
+    shifted = shift is not None and shift.name != "clean"
+    if shifted:  # clean galleries keep the keys of stores made before gallery shifts existed
+        manifest.update(gallery_shift=_shift_id(shift), gallery_shift_seed=seed)
+        key_fields += ["gallery_shift", "gallery_shift_seed"]
     key = hashlib.sha256(json.dumps([manifest[k] for k in key_fields]).encode()).hexdigest()[:24]
     store = EmbeddingStore(os.path.join(cache_dir or default_cache_dir(), "gallery", key))
     n = dataset.count(modality)
@@ -77,7 +163,7 @@ def encode_gallery(model: DualEncoder, dataset: RetrievalDataset, modality: str,
         if not store.complete(manifest):
             store.fill(manifest, n, lambda rows: encode_all(
                 model, dataset, modality, batch_size, max_words, num_workers, device,
-                indices=rows), chunk=batch_size * 16, progress=progress)
+                indices=rows, shift=shift if shifted else None, seed=seed), chunk=batch_size * 16, progress=progress)
         gallery = torch.from_numpy(np.asarray(store.open(), dtype=np.float32))
     if not torch.isfinite(gallery).all() or (gallery.norm(dim=1) == 0).any():
         raise FloatingPointError(f"gallery embeddings in {store.path} contain "

@@ -43,8 +43,11 @@ def json_line(obj) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, default=str)
 
 
-def summarise(cfg: RunConfig, rows: list[dict], dataset, shift, bad_items: list[str]) -> dict[str, Any]:
-    """The result dict of a run from its per-batch log rows."""
+def summarise(cfg: RunConfig, rows: list[dict], dataset, shift, bad_items: list[str], side: str | None = "query"
+              ) -> dict[str, Any]:
+    """The result dict of a run from its per-batch log rows. ``side``: what the shift corrupted, ``"query"``
+    or ``"gallery"`` (a shift of the gallery's modality only; ``engine.gallery.resolve_shift``), None when
+    clean."""
     ranks = [r for row in rows for r in row["ranks"]]
     aps = [a for row in rows for a in row["aps"]]
     result: dict[str, Any] = retrieval_metrics(ranks, aps)
@@ -61,7 +64,8 @@ def summarise(cfg: RunConfig, rows: list[dict], dataset, shift, bad_items: list[
         result["stream_r1"] = round(float(np.mean([m["r1"] for m in result["segments"].values()])), 2)
     result["skipped_updates"] = sum(1 for row in rows if "skipped" in row)
     result.update({
-        "direction": cfg.direction, "method": cfg.method, "shift": shift.name, "model": cfg.model,
+        "direction": cfg.direction, "method": cfg.method, "shift": shift.name,
+        "shift_side": side if shift.name != "clean" else None, "model": cfg.model,
         "dataset": dataset.name, "n_gallery": dataset.count(cfg.gallery_modality),
         "seed": cfg.seed, "config": dataclasses.asdict(cfg), "lr": cfg.resolved_lr(),
         "versions": versions(), "git_commit": git_commit(),
@@ -127,10 +131,12 @@ def write_json(path: str, obj) -> None:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """A readable Markdown table of runs: method, direction, shift and the five metrics."""
+    """A readable Markdown table of runs: method, direction, shift and the five metrics; a shift of the gallery
+    (``shift_side`` gallery) reads ``traffic:5 (gallery)``."""
     head = ["method", "direction", "shift", *RESULT_KEYS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r["method"], r["direction"], r["shift"]] + [f"{r[k]:.2f}" for k in RESULT_KEYS]
+        shift = r["shift"] + (" (gallery)" if r.get("shift_side") == "gallery" else "")
+        cells = [r["method"], r["direction"], shift] + [f"{r[k]:.2f}" for k in RESULT_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed, methods
+from .. import distributed, methods, shifts
 from ..data import DataError, duplicate_entries, load_dataset
 from ..methods.hparams import min_batch_size
 from ..modalities import COMPOSED, check_direction
 from ..models.composed import compose
-from .composed import build_query_shift, rank_queries
+from .composed import rank_queries
 from .config import RunConfig
-from .gallery import encode_gallery, load_source, weights_digest
+from .gallery import GALLERY, encode_gallery, load_source, resolve_shift, shift_note, weights_digest
 from .gallery_index import ExactIndex, build_index, recall_at_k
 from .report import (
     clean_forgetting,
@@ -34,7 +34,7 @@ from .report import (
     summarise,
 )
 from .retriever import Retriever
-from .rundir import RunDir
+from .rundir import RunDir, notice
 from .stream import QueryItems, loader, query_order, skip_bad_images, stream_batches
 
 
@@ -94,14 +94,17 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                         f"are relative to)")
     dataset = load_dataset(cfg.data, cfg.image_root, cfg.max_words)
     dataset.relevance(cfg.query_modality, cfg.gallery_modality)  # a dataset without the direction's items fails here
-    shift = build_query_shift(cfg.shift, cfg.query_modality, cfg.seed)  # a bad shift fails here
+    # a bad shift fails here; a shift of the gallery's modality only corrupts the gallery (gallery.resolve_shift)
+    shift, side = resolve_shift(cfg.shift, cfg.query_modality, cfg.gallery_modality, cfg.seed)
+    if side == GALLERY and distributed.is_main():
+        notice(shift_note(shift, cfg.query_modality, cfg.gallery_modality))
     if cfg.eval_general_after and cfg.query_modality != "composed" and not general_domain_styles(cfg.query_modality):
         raise ValueError(f"eval_general_after measures forgetting on the general-domain styles of the query "
                          f"modality, and no style shifts {cfg.query_modality} queries; leave it out")
     rundir = RunDir(cfg.out, cfg.resume, cfg.overwrite, cfg) if cfg.out and distributed.is_main() else None
     try:
         with pinned_threads(cfg.threads):
-            return _run(cfg, dataset, shift, rundir, t_start)
+            return _run(cfg, dataset, shift, side, rundir, t_start)
     finally:
         if rundir:
             rundir.close()
@@ -124,7 +127,8 @@ def pinned_threads(n: int):
         torch.set_num_threads(previous)
 
 
-def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) -> dict[str, Any]:
+def _run(cfg: RunConfig, dataset, shift, side: str | None, rundir: RunDir | None, t_start: float
+         ) -> dict[str, Any]:
     main_rank = distributed.is_main()
     bad_items: list[str] = []
     if cfg.skip_bad_images:
@@ -144,7 +148,8 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     gallery = encode_gallery(model, dataset, gallery_modality, cache_dir=cfg.cache_dir,
                              batch_size=cfg.gallery_batch_size, max_words=cfg.max_words,
                              num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress,
-                             weights=weights, threads=cfg.threads).to(cfg.device)
+                             weights=weights, threads=cfg.threads, shift=shift if side == GALLERY else None,
+                             seed=cfg.seed).to(cfg.device)
     if main_rank:
         distributed.barrier()
 
@@ -163,7 +168,8 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     if state is not None:
         retriever.load_state_dict(state)
 
-    items = QueryItems(dataset, modality, order, shift, cfg.seed, model, cfg.max_words)
+    query_shift = shifts.QueryShift() if side == GALLERY else shift  # a gallery-shifted run's queries are clean
+    items = QueryItems(dataset, modality, order, query_shift, cfg.seed, model, cfg.max_words)
     local_batches = [distributed.shard(b) for b in batches]  # one process: the batches themselves
     progress = tqdm(total=len(batches), initial=done, desc=f"{cfg.method} {cfg.direction} {shift.name}",
                     disable=not (cfg.progress and main_rank))
@@ -182,6 +188,8 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
                    **{k: json_safe(v) for k, v in info.items()},
                    "queries": indices, "ranks": ranks, "aps": aps, **extra, **recall,
                    "segments": [shift.segment(p, len(order)) for p in positions]}
+            if side == GALLERY:
+                row["shift_side"] = side
             rows.append(row)
             if rundir:
                 rundir.append(row, {"config": dataclasses.asdict(cfg), "method": retriever.state_dict(),
@@ -197,7 +205,7 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     distributed.check_identical(retriever.method.params)  # every rank must end with the same parameters
     if not main_rank:
         return {"rank": distributed.rank()}
-    result = summarise(cfg, rows, dataset, shift, bad_items)
+    result = summarise(cfg, rows, dataset, shift, bad_items, side)
     result["model_weights"] = weights
     result["hparams"] = dict(retriever.method.hp)  # defaults included: a method's defaults may change later
     if distributed.active():
@@ -209,6 +217,9 @@ def _run(cfg: RunConfig, dataset, shift, rundir: RunDir | None, t_start: float) 
     warnings += skip_warnings(cfg, rows)
     if warnings:
         result["warnings"] = warnings
+    # forgetting is measured against the run's own gallery: with a gallery-side shift that is the same shifted
+    # gallery the stream searched (the queries were clean all along), so it isolates what adapting the query
+    # tower changed, not what the gallery shift did
     if cfg.eval_clean_after:
         result["forgetting"] = clean_forgetting(retriever, dataset, relevance, cfg)
     if cfg.eval_general_after:
