@@ -13,6 +13,7 @@ import torch
 
 from queryshift import shifts
 from queryshift.engine import encode_all, encode_gallery, report, runner
+from queryshift.engine.gallery import resolve_shift
 from queryshift.engine.retriever import Retriever
 from queryshift.engine.stream import QueryItems, collate
 from tests.test_av_run import N_CLIPS, TinyAV, cfg, logged_ranks, tiny_av, tiny_av_dataset  # noqa: F401 (fixture)
@@ -106,9 +107,22 @@ def test_the_query_input_of_a_gallery_shifted_run_is_the_clean_items(spy, tmp_pa
     assert torch.equal(spy["inputs"][0], clean)
 
 
+@pytest.mark.parametrize("spec, query, gallery, side", [
+    ("traffic:5", "video", "audio", "gallery"), ("traffic:5", "audio", "video", "query"),
+    ("fog:3", "audio", "video", "gallery"), ("gaussian_noise:5", "video", "audio", "query"),
+    ("style:outline", "text", "image", "gallery"), ("style:outline", "image", "text", "query"),
+    ("RandomCharAug_swap:5", "image", "text", "gallery"), ("stream:temporal", "video", "audio", "query"),
+    ("clean", "video", "audio", None),
+])
+def test_the_side_is_the_query_whenever_the_shift_fits_the_queries(spec, query, gallery, side):
+    shift, got = resolve_shift(spec, query, gallery, seed=3)
+    assert got == side
+    assert shift.modality in (None, query if side == "query" else gallery)
+
+
 def test_a_shift_of_neither_side_names_the_valid_shifts_of_both(tmp_path):
     with pytest.raises(ValueError, match=r"corrupts image queries, but the queries here are video.*gaussian_noise"
-                                         r".*nor the audio gallery.*traffic"):
+                                         r".*nor does it shift the audio gallery.*traffic"):
         runner.run(cfg(tmp_path, direction="v2a", shift="speckle_noise:3"))
 
 

@@ -16,7 +16,7 @@ from ..data import DataError, RetrievalDataset
 from ..modalities import COMPOSED, direction
 from ..models import DualEncoder, load_model
 from ..models.digest import weights_digest
-from ..shifts.registry import WrongModality, list_shifts
+from ..shifts.registry import ALIASES, WrongModality, list_shifts
 from .composed import build_query_shift
 from .store import EmbeddingStore
 from .stream import QueryItems, loader, stream_batches, to_model_input
@@ -28,34 +28,52 @@ def resolve_shift(spec: str | None, query_modality: str, gallery_modality: str, 
                   ) -> tuple[shifts.QueryShift, str | None]:
     """The shift ``--shift spec`` names and the side it corrupts: ``"query"``, ``"gallery"``, or None (clean).
 
-    A shift of the query modality shifts the queries, exactly as always. A shift of the gallery's modality only
-    (``traffic:5`` in v2a: an audio shift, and the gallery is the audio) corrupts every gallery item instead
-    (a gallery-side shift); the queries stay clean and the method adapts the query tower as always. Composed
-    queries (c2i) and streams stay query-side. A shift of neither side is a ValueError naming the valid shifts
-    of both.
+    A shift of the query modality shifts the queries, exactly as always (errors included). A shift of the
+    gallery's modality only (``traffic:5`` in v2a: an audio shift, and the gallery is the audio; ``style:outline``
+    in t2i) corrupts every gallery item instead (a gallery-side shift); the queries stay clean and the method
+    adapts the query tower as always. Composed queries (c2i) and streams stay query-side. A shift of another
+    modality than either is a ValueError naming the valid shifts of both.
     """
-    try:
-        shift = build_query_shift(spec, query_modality, seed)
+    if query_modality == COMPOSED or not _gallery_only(spec, query_modality, gallery_modality):
+        try:
+            shift = build_query_shift(spec, query_modality, seed)
+        except WrongModality as wrong:  # the other side's shift (a stream of them), or a third modality's
+            raise _neither_side(spec, wrong, query_modality, gallery_modality, seed) from None
         return shift, (QUERY if shift.name != "clean" else None)
-    except WrongModality as wrong:
-        if query_modality == COMPOSED:
-            raise
-        query_error = wrong
+    return shifts.build(spec, gallery_modality, seed), GALLERY  # its severity or option errors are its own
+
+
+def _names(spec: str | None) -> set[str]:
+    """The catalogue names ``spec`` may be listed under (``traffic:5`` -> traffic; ``style:outline`` as is)."""
+    base = (spec or "").strip().removesuffix("+filter").strip()
+    name = base.partition(":")[0]
+    return {base, name, ALIASES.get(name, name)}
+
+
+def _gallery_only(spec: str | None, query_modality: str, gallery_modality: str) -> bool:
+    if (spec or "").strip() in ("", "none", "clean"):
+        return False
+    names = _names(spec)
+    return bool(names & set(list_shifts(gallery_modality))) and not names & set(list_shifts(query_modality))
+
+
+def _neither_side(spec: str, wrong: WrongModality, query_modality: str, gallery_modality: str, seed: int
+                  ) -> ValueError:
     run_direction = direction(query_modality, gallery_modality)
-    try:
-        shift = shifts.build(spec, gallery_modality, seed)
-    except WrongModality:
-        gallery_shifts = [s for s in list_shifts(gallery_modality) if not s.startswith("stream:")]
-        raise ValueError(f"{query_error}; nor the {gallery_modality} gallery of {run_direction} (a shift of the "
-                         f"gallery's modality corrupts the gallery items): valid {gallery_modality} gallery "
-                         f"shifts: " + ", ".join(gallery_shifts)) from None
-    if spec.strip().startswith("stream:"):  # a stream orders shifts over the query stream: no gallery meaning
-        example = next(s for s in list_shifts(gallery_modality) if not s.startswith("stream:"))
-        raise ValueError(f"shift {spec!r} streams {gallery_modality} shifts, but the queries of {run_direction} are "
-                         f"{query_modality} and streams shift the queries only; to shift the {gallery_modality} "
-                         f"gallery give one shift, e.g. {_example(spec, example)}, or stream {query_modality} "
-                         f"shifts") from None
-    return shift, GALLERY
+    gallery_shifts = [s for s in list_shifts(gallery_modality) if not s.startswith("stream:")]
+    if spec.strip().startswith("stream:"):
+        try:
+            shifts.build(spec, gallery_modality, seed)
+        except ValueError:
+            pass
+        else:  # a stream orders shifts over the query stream: it has no meaning for a gallery encoded once
+            return ValueError(f"shift {spec!r} streams {gallery_modality} shifts, but the queries of "
+                              f"{run_direction} are {query_modality} and streams shift the queries only; to shift "
+                              f"the {gallery_modality} gallery give one shift, e.g. "
+                              f"{_example(spec, gallery_shifts[0])}, or stream {query_modality} shifts")
+    return ValueError(f"{wrong}; nor does it shift the {gallery_modality} gallery of {run_direction} (a shift of "
+                      f"the gallery's modality only corrupts the gallery items): valid {gallery_modality} gallery "
+                      f"shifts: " + ", ".join(gallery_shifts))
 
 
 def _example(spec: str, fallback: str) -> str:
@@ -66,8 +84,9 @@ def _example(spec: str, fallback: str) -> str:
 
 def shift_note(shift: shifts.QueryShift, query_modality: str, gallery_modality: str) -> str:
     """The line a gallery-shifted run prints, so that no one reads its numbers as a query shift's."""
-    return (f"shift {shift.name!r} is a {gallery_modality} shift: the {gallery_modality} gallery is shifted (each "
-            f"item with its own seeded draw) and the {query_modality} queries are clean; the method adapts the "
+    return (f"shift {shift.name!r} corrupts {gallery_modality}, the gallery of "
+            f"{direction(query_modality, gallery_modality)}: the {gallery_modality} gallery is shifted (each item "
+            f"with its own seeded draw) and the {query_modality} queries are clean; the method adapts the "
             f"{query_modality} tower")
 
 
