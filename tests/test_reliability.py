@@ -405,7 +405,7 @@ def test_unexpected_errors_are_one_line_that_points_to_debug(argv, tmp_path, cap
 @pytest.mark.parametrize("option,value,match", [
     ("--method", "nosuch", "unknown method 'nosuch'"),
     ("--shift", "nosuch:3", "unknown shift 'nosuch:3'"),
-    ("--shift", "RandomCharAug_swap:3", "text"),  # a text shift on image queries
+    ("--shift", "traffic:3", "audio"),  # an audio shift in i2t: neither the queries' nor the gallery's modality
 ])
 def test_unknown_method_or_shift_fails_before_the_model_loads(argv, tmp_path, capsys, monkeypatch,
                                                                option, value, match):
