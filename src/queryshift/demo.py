@@ -41,7 +41,7 @@ def build_tables(method_names: list[str], max_queries: int | None, cache_dir: st
              "description": "R@1 of the shipped shapes-clip model on the synthetic shapes test split "
                             "(1,000 image queries against 5,000 captions; the first 1,000 of the 5,000 "
                             "shuffled caption queries against 1,000 images), batch 64, 3 steps per batch, "
-                            "seed 42.",
+                            "each method at its own learning rate (the model card's), seed 42.",
              "hints": {"rows": "method", "columns": ["direction", "shift"], "metric": "r1"}}]
 
 
