@@ -21,6 +21,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from queryshift.serve.app import create_app  # noqa: E402
 
 from .serve_helpers import free_port, png_bytes, service  # noqa: E402
+from .test_serve_av import av_service, mp4_bytes, wav_bytes  # noqa: E402, F401 - av_service is a fixture
 
 os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never try to download a browser or driver
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -31,9 +32,8 @@ pytestmark = pytest.mark.skipif(
            "where apt is available)")
 
 
-@pytest.fixture
-def server(tmp_path):
-    s = service(tmp_path, start_worker=True, micro_batch=2, adapt_batch=4, max_wait=0.0, max_update_rate=50.0)
+def serve_in_thread(s):
+    """Run the app of service ``s`` on a free port in a thread; yields its URL until the test ends."""
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -43,9 +43,22 @@ def server(tmp_path):
             break
         thread.join(0.1)
     assert uv.started, "uvicorn did not start"
-    yield s, f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}"
     uv.should_exit = True
     thread.join(30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = service(tmp_path, start_worker=True, micro_batch=2, adapt_batch=4, max_wait=0.0, max_update_rate=50.0)
+    for url in serve_in_thread(s):
+        yield s, url
+
+
+@pytest.fixture
+def av_server(av_service):  # noqa: F811 - the fixture imported above
+    for url in serve_in_thread(av_service):
+        yield av_service, url
 
 
 @pytest.fixture
@@ -127,3 +140,32 @@ def test_page_searches_uploads_toggles_and_plots(server, browser, tmp_path):
     d.find_element(By.ID, "search-btn").click()
     wait(d, lambda d: "error 422" in d.find_element(By.ID, "error").text, "the 422 message")
     d.save_screenshot(str(tmp_path / "page.png"))
+
+
+def test_page_uploads_sounds_and_videos_to_their_lanes(av_server, browser, tmp_path):
+    """With a video and an audio tower the file box takes sounds and videos: a WAV searches the gallery's clips
+    and an MP4 its soundtracks, each through its own lane, the result names listed."""
+    from queryshift.data.shapes_av import clip
+
+    s, url = av_server
+    d = browser
+    d.get(url + "/")
+    wait(d, lambda d: "audio queries" in d.find_element(By.ID, "info").text, "the server info")
+    accept = d.find_element(By.ID, "image-file").get_attribute("accept")
+    assert "audio/*" in accept and "video/*" in accept and "image/*" not in accept
+    assert d.find_element(By.ID, "file-kinds").text == "a video or a sound"
+    frames, audio, _ = clip("test", 3)
+    (tmp_path / "q.wav").write_bytes(wav_bytes(audio))
+    (tmp_path / "q.mp4").write_bytes(mp4_bytes(frames))
+    for path, lane, gallery in (("q.wav", "audio", "video"), ("q.mp4", "video", "audio")):
+        before = s.lanes[lane].queries
+        d.find_element(By.ID, "image-file").send_keys(str(tmp_path / path))
+        wait(d, lambda d, lane=lane, before=before: s.lanes[lane].queries == before + 1, f"a query on the {lane} lane")
+        names = set(s.dataset.items[gallery])  # the answer is drawn after the request counted: wait for it
+
+        def listed(d, names=names):
+            shown = {r.text.split(" ", 1)[-1] for r in d.find_elements(By.CSS_SELECTOR, "#results.list .result")}
+            return shown and shown <= names
+
+        wait(d, listed, f"the {gallery} names listed")
+        assert d.find_element(By.ID, "error").text == ""
