@@ -313,6 +313,22 @@ def parse_arch(text: str | None) -> dict:
     return arch
 
 
+def evaluate_audio_noises(model, dataset, severity: int = 5, noises=None) -> dict[str, dict[str, float]]:
+    """a2v recall with READ's noises (default: Gaussian and the five environmental ones) added to every audio
+    query at ``severity``; query i's draw is seeded by (severity, i). The video gallery is clean."""
+    from ..shifts.audio import READ_NOISES, corrupt_audio
+
+    video = encode_clips(model, dataset, "video")
+    relevant = dataset.relevance("audio", "video")
+    out = {}
+    for noise in noises or ("gaussian_noise",) + READ_NOISES:
+        def shift(item, i, noise=noise):
+            return corrupt_audio(item, noise, severity, np.random.default_rng([severity, i]))
+
+        out[f"{noise}:{severity}"] = recall(encode_clips(model, dataset, "audio", shift), video, relevant)
+    return out
+
+
 def check_args(args) -> None:
     for option, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2),
                                ("--train-clips", args.train_clips, 2), ("--views", args.views, 1),
@@ -390,7 +406,9 @@ def main(args) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     shapes_av.save_checkpoint(model, args.out)
     written = shapes_av.load_checkpoint(args.out)  # evaluate exactly what was written
-    result = evaluate_clean(written, load_shapes_av(f"test:{args.test_clips}"))
+    test = load_shapes_av(f"test:{args.test_clips}")
+    result = evaluate_clean(written, test)
+    noises = evaluate_audio_noises(written, test) if args.stage == "custom" else None
     info = {
         "model": "shapes-av", "config": model.config, "stage": args.stage,
         "init": os.path.basename(args.init) if args.init else None,
@@ -398,10 +416,13 @@ def main(args) -> int:
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
         "warmup": args.warmup, "threads": torch.get_num_threads(), "train_minutes": round(minutes, 1),
         "torch": torch.__version__, "checkpoint_bytes": os.path.getsize(args.out), "clean_test": result,
+        "a2v_audio_noise_test": noises,
     }
     write_json(os.path.splitext(args.out)[0] + ".json", info)
     print(f"wrote {args.out} ({info['checkpoint_bytes'] / 1e6:.1f} MB) after {minutes:.1f} min")
     for direction in ("v2a", "a2v"):
         m = result[direction]
         print(f"clean {direction}: R@1 {m['r1']:.2f}  R@5 {m['r5']:.2f}  R@10 {m['r10']:.2f}")
+    for shift, m in (noises or {}).items():
+        print(f"a2v with {shift} on the audio queries: R@1 {m['r1']:.2f}")
     return 0
