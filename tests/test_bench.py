@@ -18,7 +18,7 @@ def test_every_suite_plans(name, monkeypatch, tmp_path):
     tables = bench.plan(args)
     assert tables and tables[0]["runs"]
     for _labels, cfg in tables[0]["runs"]:
-        assert cfg.method and cfg.direction in ("i2t", "t2i", "c2i")
+        assert cfg.method and cfg.direction in ("i2t", "t2i", "c2i", "v2a", "a2v")
 
 
 def test_bench_grid_writes_tables_and_reuses_runs(tmp_path, capsys):

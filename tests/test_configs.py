@@ -167,7 +167,9 @@ def test_suite_shifts_are_known_corruptions():
                 if not any(p in registry.SENTENCE_CORRUPTIONS for p in parts):  # those load models when built
                     build_composed_shift(run.get("shift"))
                 continue
-            modality = "image" if run["direction"] == "i2t" else "text"
+            from queryshift.modalities import parse_direction
+
+            modality = parse_direction(run["direction"])[0]  # the query's: audio in a2v, video in v2a
             name, _, level = (run.get("shift") or "").partition(":")
             if os.path.basename(path).startswith(("synthetic", "validation")):
                 shifts.build(run.get("shift"), modality)  # offline suites: every shift resolves here
