@@ -155,22 +155,13 @@ def test_rest_answers_with_its_queries_refined_by_hand(tiny, modality):  # noqa:
             assert not torch.equal(scores.argsort(1), wrong.argsort(1))
 
 
-@pytest.mark.parametrize("modality", ["image", "text"])
-def test_fisher_rows_from_per_sample_gradients_equal_one_backward_per_query(tiny, monkeypatch, modality):  # noqa: F811
-    """The warm-up's single-query scores come from torch.func's per-sample gradients (no backward per query) and
-    equal the scores of one forward and backward per query, written out here (float32: 1e-5 of the largest)."""
-    m = make(tiny, "rest", modality, steps=1, hparams={"queue_batches": 2})
-    monkeypatch.setattr(C, "looped_grads", lambda *a: pytest.fail("the per-query loop ran"))
-    x = tiny[2][modality][0]
-    m.step(x)
-    rows = torch.stack(m.fisher.rows)
-    assert len(rows) >= 2 and float(rows.abs().max()) > 0
-    # the reference: the chosen queries and labels again (same generator state), one backward each
-    m2 = make(tiny, "rest", modality, steps=1, hparams={"queue_batches": 2})
+def _rows_by_loop(tiny, modality, x, hparams, monkeypatch):  # noqa: F811
+    """The Fisher rows of a fresh REST's first step on ``x``, written out: the chosen queries and labels again (same
+    generator state), each query encoded alone and one backward each."""
+    m = make(tiny, "rest", modality, steps=1, hparams=hparams)
     seen = []
-    real = REST._query_scores
 
-    def by_loop(self, query_batch, g, ent, logits, reliable):
+    def by_loop(self, query_batch, g, ent, logits, reliable, tapped=None):
         chosen = self._most_reliable(ent, reliable)
         labels = C.draw_labels(logits[chosen], self.generator)
         for i, y in zip(chosen.tolist(), labels):
@@ -179,21 +170,73 @@ def test_fisher_rows_from_per_sample_gradients_equal_one_backward_per_query(tiny
             seen.append(torch.cat([d.flatten() for d in torch.autograd.grad(nll, self.params)]))
         return []
 
-    monkeypatch.setattr(REST, "_query_scores", by_loop)
-    m2.step(x)
-    monkeypatch.setattr(REST, "_query_scores", real)
-    expected = torch.stack(seen)
-    assert rows.shape == expected.shape
+    with monkeypatch.context() as patch:
+        patch.setattr(REST, "_query_scores", by_loop)
+        m.step(x)
+    return torch.stack(seen)
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_fisher_rows_from_the_batchs_forward_equal_one_backward_per_query(tiny, monkeypatch, modality):  # noqa: F811
+    """On openclip towers (LayerNorms only) the warm-up's single-query scores come from the step's own forward and
+    one backward through LayerNorm taps (no vmap, no backward per query) and equal the scores of one forward and
+    backward per query (float32: 1e-5 of the largest): each query's score depends on its own forward only."""
+    expected = _rows_by_loop(tiny, modality, tiny[2][modality][0], {"queue_batches": 2}, monkeypatch)
+    m = make(tiny, "rest", modality, steps=1, hparams={"queue_batches": 2})
+    monkeypatch.setattr(C, "looped_grads", lambda *a: pytest.fail("the per-query loop ran"))
+    monkeypatch.setattr(C, "per_sample_grads", lambda *a: pytest.fail("vmap ran"))
+    m.step(tiny[2][modality][0])
+    rows = torch.stack(m.fisher.rows)
+    assert len(rows) >= 2 and float(rows.abs().max()) > 0 and rows.shape == expected.shape
     assert torch.allclose(rows, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
+def test_a_tower_that_couples_the_batchs_queries_gets_its_fisher_rows_from_vmap(tiny, monkeypatch):  # noqa: F811
+    """Where a query's embedding depends on the other queries of the batch (here: plus half the batch mean), the
+    batch's backward does not give per-query scores: the taps see a gradient on a query not chosen, refuse, and
+    the rows come from vmap, equal to the per-query loop's."""
+    hp = {"queue_batches": 1, "know_queries": 2}  # two queries chosen, the others must get no gradient
+    x = tiny[2]["image"][0]
+
+    def coupled(real):
+        return lambda modality, batch: (lambda q: q + 0.5 * q.mean(0, keepdim=True))(real(modality, batch))
+
+    m = make(tiny, "rest", "image", steps=1, hparams=hp)
+    real_encode, real_rows, refused, vmapped = m.model.encode, C.LayerNormTaps.rows, [], []
+    monkeypatch.setattr(m.model, "encode", coupled(real_encode))
+    monkeypatch.setattr(C.LayerNormTaps, "rows", lambda *a: refused.append(real_rows(*a)) or refused[-1])
+    real_vmap = C.per_sample_grads
+    monkeypatch.setattr(C, "per_sample_grads", lambda *a: vmapped.append(1) or real_vmap(*a))
+    m.step(x)
+    assert refused == [None] and vmapped == [1]
+    rows = torch.stack(m.fisher.rows)
+    expected = _rows_by_loop(tiny, "image", x, hp, monkeypatch)  # m.model.encode stays coupled (shared model)
+    assert rows.shape == expected.shape == (2, rows.shape[1])
+    assert torch.allclose(rows, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_layernorm_taps_take_only_the_affine_parameters_of_plain_layernorms():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    assert C.LayerNormTaps.of(net, [("1.weight", net[1].weight), ("1.bias", net[1].bias)]) is not None
+    assert C.LayerNormTaps.of(net, [("1.weight", net[1].weight), ("0.weight", net[0].weight)]) is None
+
+    class Scaled(torch.nn.LayerNorm):  # another forward: not x_hat * w + b
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    odd = torch.nn.Sequential(Scaled(4))
+    assert C.LayerNormTaps.of(odd, [("0.weight", odd[0].weight)]) is None
+
+
 def test_the_fisher_falls_back_to_one_backward_per_query_where_vmap_cannot_run(tiny, monkeypatch):  # noqa: F811
-    """A backbone vmap cannot run through (here: ``.item()`` in its forward, data-dependent) gets the same rows
-    from the per-query loop, with one warning."""
+    """A backbone the taps do not apply to (adapted parameters other than LayerNorms': here the taps are refused)
+    and vmap cannot run through (here: ``.item()`` in its forward, data-dependent) gets the same rows from the
+    per-query loop, with one warning."""
     fast = make(tiny, "rest", "image", steps=1, hparams={"queue_batches": 1})
     x = tiny[2]["image"][0]
     fast.step(x)
     slow = make(tiny, "rest", "image", steps=1, hparams={"queue_batches": 1})
+    monkeypatch.setattr(C.LayerNormTaps, "of", classmethod(lambda cls, model, named_params: None))
     real = slow.model.encode
     monkeypatch.setattr(slow.model, "encode", lambda modality, batch: real(modality, batch) * (
         1.0 if float(batch.abs().sum().item()) >= 0 else 2.0))
@@ -202,3 +245,28 @@ def test_the_fisher_falls_back_to_one_backward_per_query_where_vmap_cannot_run(t
     assert slow._scores_looped and len(slow.fisher) == len(fast.fisher) >= 2
     a, b = torch.stack(fast.fisher.rows), torch.stack(slow.fisher.rows)
     assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_layernorm_taps_give_per_sample_rows_and_refuse_an_output_changed_in_place(inplace):
+    """The taps' rows are each chosen sample's own gradient of the LayerNorm's weight and bias (autograd's, one
+    sample at a time); an op that overwrites the LayerNorm's output in place (here ReLU(inplace=True)) leaves the
+    recorded output no longer the one ``x_hat * w + b`` describes, so the taps refuse (None)."""
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(4)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), norm, torch.nn.ReLU(inplace=inplace), torch.nn.Linear(4, 2))
+    params = [("1.weight", norm.weight), ("1.bias", norm.bias)]
+    x, chosen = torch.randn(5, 3, 4), torch.tensor([3, 0])
+    taps = C.LayerNormTaps.of(net, params)
+    with taps:
+        out = net(x)
+    rows = taps.rows(out[chosen].pow(2).sum(), chosen, len(x))
+    if inplace:
+        assert rows is None
+        return
+    expected = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        net(x[i:i + 1]).pow(2).sum(), [norm.weight, norm.bias])]) for i in chosen.tolist()])
+    assert rows.shape == (2, 8) and float(expected.abs().max()) > 0
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,8 @@ query, ``tau`` a temperature, entropies in nats.
 - candidate prediction / refinement (top-1 or top-k-mean gallery candidate, in-batch logits),
 - :class:`SourceLikeQueue`, TCR's source-like sample queue (sizes as parameters, vectorised),
 - the QS-robust loss terms (noise-robust entropy, centre-uniformity, modality gap, consistency),
-- per-sample gradients (:func:`per_sample_grads` with ``torch.func``, :func:`looped_grads` one by one),
+- per-sample gradients (:class:`LayerNormTaps` from the batch's forward and one backward, :func:`per_sample_grads`
+  with ``torch.func``, :func:`looped_grads` one by one),
 - REST's knowledge pull (:class:`BlockFisher`, :func:`knowledge_pull`) and :func:`surrogate_loss`, which lets a
   hand-built gradient go through :meth:`Method.update` (the single NaN guard),
 - :class:`SAM` (sharpness-aware minimisation around a base optimizer) for SAR.
@@ -17,6 +18,7 @@ query, ``tau`` a temperature, entropies in nats.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -277,6 +279,98 @@ class BlockFisher:
         fd = self._product(self._stacked, d, sizes)
         grads = [t.view_as(p) for t, p in zip(fd.split(sizes), params)]
         return grads, 0.5 * float(fd @ d)
+
+
+class LayerNormTaps:
+    """Per-sample gradients of LayerNorm affine parameters from the batch's own forward and ONE backward.
+
+    A LayerNorm computes ``y = x_hat * w + b`` over its normalised (last) dims, so ``dL/dw = sum x_hat * dL/dy``
+    and ``dL/db = sum dL/dy`` over every other position. When each sample's loss depends on that sample's rows
+    only (towers batch-first and in eval mode, a per-sample loss summed), summing over one sample's positions gives
+    that sample's gradient: the rows of :func:`per_sample_grads` without a second forward or a vmap. Used as a
+    context manager around the forward: forward hooks record every call of the LayerNorms that own the
+    parameters (input and output); :meth:`rows` then takes the one backward to the recorded outputs.
+    """
+
+    def __init__(self, owners: list[tuple[torch.nn.LayerNorm, str]]):
+        self.owners = owners  # (module, "weight" | "bias") of each parameter, in order
+        # (module, input, output, their versions at the call): an op in place later makes them another tensor
+        self.calls: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, tuple[int, int]]] = []
+        self._handles: list = []
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, named_params) -> LayerNormTaps | None:
+        """Taps for ``named_params`` (names as in ``model``), or None unless each is the weight or bias of an
+        ``nn.LayerNorm`` whose forward is a plain one (another forward need not be ``x_hat * w + b``)."""
+        modules = dict(model.named_modules())
+        owners = []
+        for name, _ in named_params:
+            module_name, _, attr = name.rpartition(".")
+            module = modules.get(module_name)
+            if not (isinstance(module, torch.nn.LayerNorm) and attr in ("weight", "bias")
+                    and _plain_layernorm(module)):
+                return None
+            owners.append((module, attr))
+        return cls(owners) if owners else None
+
+    def _record(self, module, inputs, output):
+        x = inputs[0].detach()
+        self.calls.append((module, x, output, (x._version, output._version)))
+
+    def __enter__(self):
+        self.calls = []
+        self._handles = [m.register_forward_hook(self._record) for m in dict.fromkeys(m for m, _ in self.owners)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def rows(self, loss: torch.Tensor, chosen: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+        """The per-sample gradients (one flat row per index of ``chosen``, parameters in order) of ``loss``, the sum
+        of the ``chosen`` samples' own losses computed from the recorded forward of ``batch_size`` samples. None
+        where the recorded calls do not show one sample per row of dim 0, a recorded input or output was changed in
+        place after the call, or a sample outside ``chosen`` gets a gradient (a layer or the loss couples samples):
+        then the rows would not be per-sample; the graph is kept."""
+        modules = {m for m, _ in self.owners}
+        if ({m for m, *_ in self.calls} != modules or not loss.requires_grad
+                or any(x.shape[:1] != (batch_size,) or (x._version, y._version) != v for _, x, y, v in self.calls)):
+            return None
+        grads = torch.autograd.grad(loss, [y for _, _, y, _ in self.calls], retain_graph=True, allow_unused=True)
+        others = torch.ones(batch_size, dtype=torch.bool, device=chosen.device)
+        others[chosen] = False
+        if any(g is not None and bool(g[others].any()) for g in grads):
+            return None
+        per_module: dict[torch.nn.Module, dict[str, torch.Tensor]] = {}
+        n = len(chosen)
+        for (module, x, _, _), g in zip(self.calls, grads):
+            if g is None:
+                continue
+            shape, k = module.normalized_shape, math.prod(module.normalized_shape)
+            x_hat = F.layer_norm(x[chosen].float(), shape, eps=module.eps)  # the module's own normalisation
+            g = g[chosen].float()
+            found = {"weight": (x_hat * g).reshape(n, -1, k).sum(1), "bias": g.reshape(n, -1, k).sum(1)}
+            acc = per_module.setdefault(module, {})
+            for attr, value in found.items():  # a LayerNorm called twice: its gradient is the sum over calls
+                acc[attr] = acc[attr] + value if attr in acc else value
+        out = []
+        for module, attr in self.owners:
+            p = getattr(module, attr)
+            value = per_module.get(module, {}).get(attr)
+            out.append(torch.zeros(n, p.numel(), dtype=p.dtype, device=p.device) if value is None
+                       else value.to(p.dtype))
+        return torch.cat(out, dim=1)
+
+
+def _plain_layernorm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computes ``F.layer_norm`` with its own weight and bias: torch's LayerNorm, or open_clip's
+    two subclasses (the same call between dtype casts; looked up only if open_clip is loaded)."""
+    forward = type(module).forward
+    if forward is torch.nn.LayerNorm.forward:
+        return True
+    open_clip = sys.modules.get("open_clip.transformer")
+    return open_clip is not None and forward in (open_clip.LayerNorm.forward, open_clip.LayerNormFp32.forward)
 
 
 class _Bound(torch.nn.Module):

@@ -85,9 +85,16 @@ class REST(Method):
         self.fisher = C.BlockFisher()
 
     def forward_and_adapt(self, query_batch, step):
-        q = self.encode(query_batch)
+        taps = self._taps(step)
+        if taps is None:
+            q = self.encode(query_batch)
+        else:  # a warm-up step: its Fisher scores come from this forward (_score_rows), from this rank's rows
+            with taps:
+                q_local = self.encode_local(query_batch) if distributed.active() else self.encode(query_batch)
+            q = distributed.all_gather_with_grad(q_local)
         scores = q @ self.gallery.T
         a = self._adaptation(q, scores, step)
+        a.tapped = None if taps is None else (taps, q_local)
         loss = a.loss
         if loss is not None and self.hp["lambda_k"]:
             loss = self._pulled(query_batch, a, step)
@@ -146,25 +153,47 @@ class REST(Method):
         ranked = torch.where(reliable, ent.detach(), torch.full_like(ent.detach(), float("inf")))
         return torch.topk(ranked, k, largest=False).indices
 
-    def _query_scores(self, query_batch, g, ent, logits, reliable):
+    def _taps(self, step):
+        """LayerNorm taps for this step's forward if it is a warm-up step that will score queries, else None."""
+        if not self.hp["lambda_k"] or not self.queue.accepts(self.batch_index, step):
+            return None
+        return C.LayerNormTaps.of(self.model, self.named_params)
+
+    def _query_scores(self, query_batch, g, ent, logits, reliable, tapped=None):
         """Single-query scores ``d/dtheta -log p_i(y_i)`` of the most reliable queries, in order of entropy, with
-        ``y_i`` drawn from the batch's prediction ``p_i``, each query encoded alone. Data-parallel, every rank scores
-        the queries of its own shard and the scores are gathered, so all ranks hold the same ones."""
+        ``y_i`` drawn from the batch's prediction ``p_i``, each the gradient of that query's own loss (as if encoded
+        alone). Data-parallel, every rank scores the queries of its own shard and the scores are gathered, so all
+        ranks hold the same ones. ``tapped``: the taps and this rank's queries of the batch's forward
+        (:meth:`_score_rows`)."""
         chosen = self._most_reliable(ent, reliable)
         labels = C.draw_labels(logits[chosen], self.generator)
         start, stop = distributed.shard_bounds(len(ent))
         mine = [order for order, i in enumerate(chosen.tolist()) if start <= i < stop]
         keys = torch.tensor(mine, dtype=torch.long, device=logits.device)
         inputs = C.index_batch(query_batch, chosen[keys] - start)
-        rows, keys = distributed.all_gather_rows(self._score_rows(inputs, g, labels[keys]), keys)
+        rows = self._score_rows(inputs, g, labels[keys], tapped, chosen[keys] - start)
+        rows, keys = distributed.all_gather_rows(rows, keys)
         sizes = [p.numel() for p in self.params]
         return [[t.view_as(p) for t, p in zip(rows[k].split(sizes), self.params)] for k in torch.argsort(keys)]
 
-    def _score_rows(self, inputs, g, labels):
-        """The rows (n x P) of :meth:`_query_scores` for ``inputs``: per-sample gradients (``torch.func``; on
-        shapes-clip ~50 queries cost one batch forward and backward, a third of the loop's time), or one backward
-        per query where vmap cannot run through the backbone (e.g. the Hugging Face text towers' data-dependent
-        masking; warned once, then kept for the method's life)."""
+    def _score_rows(self, inputs, g, labels, tapped=None, local=None):
+        """The rows (n x P) of :meth:`_query_scores` for ``inputs`` (rows ``local`` of this rank's batch).
+
+        Each query's score depends on its own embedding only (its logits against the fixed candidates or gallery),
+        so with ``tapped`` (the LayerNorm taps and the local queries of the batch's forward) the rows come from
+        that forward and one backward of the summed scores (:class:`components.LayerNormTaps`, which refuses when
+        a sample outside the chosen ones gets a gradient). Else per-sample gradients (``torch.func``; on
+        shapes-clip ~50 queries cost one batch forward and backward), or one backward per query where vmap
+        cannot run through the backbone (e.g. the Hugging Face text towers' data-dependent masking; warned once,
+        then kept for the method's life)."""
+        if tapped is not None and len(labels):
+            taps, q_local = tapped
+            with torch.enable_grad():  # a caller may hold no_grad (the lab's rest-design)
+                summed = torch.nn.functional.cross_entropy(self._predict(q_local[local], g), labels, reduction="sum")
+            rows = taps.rows(summed, local, len(q_local))
+            if rows is not None:
+                return rows
+
         def nll(x, y):
             return torch.nn.functional.cross_entropy(self._predict(self.encode_local(x), g), y.view(1),
                                                      reduction="sum")
@@ -182,7 +211,8 @@ class REST(Method):
     def _collect_fisher(self, query_batch, a, step):
         """During the queue's warm-up: add the reliable queries' single-query scores to the Fisher estimate."""
         if self.queue.accepts(self.batch_index, step) and a.reliable.any():
-            for grads in self._query_scores(query_batch, a.g, a.ent, a.logits, a.reliable):
+            tapped = getattr(a, "tapped", None)
+            for grads in self._query_scores(query_batch, a.g, a.ent, a.logits, a.reliable, tapped):
                 self.fisher.add(grads)
 
     def _pulled(self, query_batch, a, step):
