@@ -33,7 +33,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 DEFAULT_OUT = {"general": "shapes-av-general.pt", "custom": os.path.join(ASSETS, "shapes-av.pt")}
 # per-stage defaults of --steps/--lr/--warmup/--views: the shipped recipe (custom fine-tunes the general model)
 STAGE_DEFAULTS = {"general": {"steps": 2000, "lr": 2e-3, "warmup": 100, "views": 2},
-                  "custom": {"steps": 600, "lr": 5e-4, "warmup": 50, "views": 1}}
+                  "custom": {"steps": 3000, "lr": 1e-3, "warmup": 100, "views": 1}}
 
 # Audio variation of the general stage: (probability, range). Test severity 1 of the closest shift, for
 # comparison: gaussian_noise std .08; reverb room .3 wet .1 (pedalboard's algorithmic reverb, not a convolution).
@@ -64,14 +64,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stage", choices=("general", "custom"), default="custom", help="default custom")
     p.add_argument("--init", help="checkpoint to start from (e.g. the general model); default: random init")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, variation and data order")
-    p.add_argument("--steps", type=int, help="optimisation steps (default: general 2000, custom 600)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default: general 2000, custom 3000)")
     p.add_argument("--train-clips", dest="train_clips", type=int, default=10_000,
                    help="first N clips of shapes-av:train (default 10000)")
     p.add_argument("--views", type=int, help="soundtrack versions per clip (default: general 2, custom 1)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="default 64")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: general 2e-3, custom 5e-4)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: general 2e-3, custom 1e-3)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.05, help="default 0.05")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps (default: general 100, custom 50)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default: 100)")
     p.add_argument("--arch", help="JSON object of model settings that replace the defaults of "
                                   "queryshift.models.shapes_av.CONFIG (e.g. '{\"width\": 96}'); ignored with --init")
     p.add_argument("--eval-every", dest="eval_every", type=int, default=0,
