@@ -105,9 +105,10 @@ class RESTDesign(REST):
         # before the forward with grad: the parameter swap would invalidate its graph
         whole_batch_kl = need_know and hp["know"] == "kl" and not hp["know_queries"]
         q_src = self._source_batch(query_batch, step) if whole_batch_kl else None
-        q = self.encode(query_batch)
+        q, tapped = self._encode_tapped(query_batch, step)
         scores = q @ self.gallery.T
         a = self._adaptation(q, scores, step)
+        a.tapped = tapped
         self.anchors.update(query_batch, q, a.g, self.batch_index, step)
         loss, info, g_know = a.loss, a.info, None
         if loss is not None and hp["know"] == "subspace":

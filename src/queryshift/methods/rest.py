@@ -85,16 +85,10 @@ class REST(Method):
         self.fisher = C.BlockFisher()
 
     def forward_and_adapt(self, query_batch, step):
-        taps = self._taps(step)
-        if taps is None:
-            q = self.encode(query_batch)
-        else:  # a warm-up step: its Fisher scores come from this forward (_score_rows), from this rank's rows
-            with taps:
-                q_local = self.encode_local(query_batch) if distributed.active() else self.encode(query_batch)
-            q = distributed.all_gather_with_grad(q_local)
+        q, tapped = self._encode_tapped(query_batch, step)
         scores = q @ self.gallery.T
         a = self._adaptation(q, scores, step)
-        a.tapped = None if taps is None else (taps, q_local)
+        a.tapped = tapped
         loss = a.loss
         if loss is not None and self.hp["lambda_k"]:
             loss = self._pulled(query_batch, a, step)
@@ -102,6 +96,16 @@ class REST(Method):
         return self._answers(q, a), a.info
 
     # -- pieces shared with the lab's rest-design ------------------------------------------------------
+
+    def _encode_tapped(self, query_batch, step):
+        """The batch's queries, and on a warm-up step that will score queries the LayerNorm taps of this forward
+        with this rank's queries (its Fisher scores come from them, :meth:`_score_rows`); else None."""
+        taps = self._taps(step)
+        if taps is None:
+            return self.encode(query_batch), None
+        with taps:
+            q_local = self.encode_local(query_batch) if distributed.active() else self.encode(query_batch)
+        return distributed.all_gather_with_grad(q_local), (taps, q_local)
 
     def _predict(self, q, g):
         """Prediction logits: over the in-batch candidates (refined) or the full gallery (raw)."""
