@@ -194,3 +194,12 @@ def test_severity_5_audio_noise_lowers_a2v_recall(shipped, clips, clean_200, rec
     assert len(recipe["a2v_audio_noise_test"]) == 6
     for shift, metrics in recipe["a2v_audio_noise_test"].items():
         assert metrics["r1"] < recipe["clean_test"]["a2v"]["r1"] / 2, shift
+
+
+@pytest.mark.parametrize("option, value, named", [("--train-clips", "100001", "shapes-av:train has 100000 clips"),
+                                                  ("--test-clips", "1001", "shapes-av:test has 1000 clips"),
+                                                  ("--train-clips", "1", "--train-clips must be at least 2")])
+def test_train_av_refuses_clip_counts_its_splits_do_not_have(tmp_path, capsys, option, value, named):
+    out = tmp_path / "m.pt"
+    assert cli_main(["train-av", option, value, "--out", str(out), "--no-progress"]) == 2
+    assert named in capsys.readouterr().err and not out.exists()

@@ -336,9 +336,11 @@ def check_args(args) -> None:
                                ("--test-clips", args.test_clips, 1), ("--eval-every", args.eval_every, 0)):
         if value < low:
             raise ValueError(f"{option} must be at least {low}, got {value}")
-    if args.train_clips > 10_000 or args.test_clips > 1000:
-        raise ValueError("shapes-av has 10000 training and 1000 test clips; --train-clips or --test-clips asks "
-                         "for more")
+    from ..data.shapes_av import SPLITS
+
+    for option, value, split in (("--train-clips", args.train_clips, "train"), ("--test-clips", args.test_clips, "test")):
+        if value > SPLITS[split][1]:
+            raise ValueError(f"{option}: shapes-av:{split} has {SPLITS[split][1]} clips; asked for {value}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if not args.weight_decay >= 0:

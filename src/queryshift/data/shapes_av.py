@@ -47,8 +47,9 @@ DURATION = 1.0  # seconds, for both the frames and the soundtrack
 SAMPLE_RATE = AUDIO_RATE
 SAMPLES = int(DURATION * SAMPLE_RATE)
 
-# split -> (seed, number of clips); seeds differ from every other shapes world's.
-SPLITS = {"train": (41_260_601, 10_000), "val": (41_260_603, 1_000), "test": (41_260_602, 1_000)}
+# split -> (seed, number of clips); seeds differ from every other shapes world's. Clip i does not depend on the
+# split's size, so the training split could grow (10,000 -> 100,000) without changing a clip of any split.
+SPLITS = {"train": (41_260_601, 100_000), "val": (41_260_603, 1_000), "test": (41_260_602, 1_000)}
 
 SPEEDS = {"slowly": (10.0, 18.0), "fast": (26.0, 40.0)}  # canvas px per second
 STEP = 8.0  # canvas px travelled between two notes of an object
