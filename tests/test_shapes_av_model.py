@@ -17,7 +17,7 @@ from queryshift.models.shapes_av import ShapesAVEncoder, load_checkpoint, mel_fi
 TINY = {"width": 32, "heads": 2, "video_layers": 1, "audio_layers": 1, "embed_dim": 16}
 RECIPE = os.path.splitext(shapes_av_model.CHECKPOINT)[0] + ".json"
 # clean R@1 of the shipped weights on the first 200 test clips (chance: 0.5)
-R1_FIRST_200 = {"v2a": 57.0, "a2v": 59.0}
+R1_FIRST_200 = {"v2a": 80.0, "a2v": 79.5}
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +180,9 @@ def test_shipped_model_reproduces_its_clean_recall_on_the_first_200_test_clips(c
     for direction, measured in R1_FIRST_200.items():
         # one query in 200 is 0.5: allow two to flip on another BLAS or thread count
         assert clean_200[direction]["r1"] == pytest.approx(measured, abs=1.0), (direction, clean_200[direction])
-    # the recipe beside the weights records the whole test split (1,000 clips, harder: four times the gallery)
-    assert all(recipe["clean_test"][d]["n_queries"] == 1000 and recipe["clean_test"][d]["r1"] > 20
+    # the recipe beside the weights records the whole test split (1,000 clips, harder: five times the gallery),
+    # within the 40-90 the benchmark asks of its source model
+    assert all(recipe["clean_test"][d]["n_queries"] == 1000 and 40 <= recipe["clean_test"][d]["r1"] <= 90
                for d in ("v2a", "a2v"))
 
 
