@@ -338,7 +338,8 @@ def check_args(args) -> None:
             raise ValueError(f"{option} must be at least {low}, got {value}")
     from ..data.shapes_av import SPLITS
 
-    for option, value, split in (("--train-clips", args.train_clips, "train"), ("--test-clips", args.test_clips, "test")):
+    for option, value, split in (("--train-clips", args.train_clips, "train"),
+                                 ("--test-clips", args.test_clips, "test")):
         if value > SPLITS[split][1]:
             raise ValueError(f"{option}: shapes-av:{split} has {SPLITS[split][1]} clips; asked for {value}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
