@@ -31,7 +31,8 @@ from torch.nn import functional as F
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 # the general model is a step towards the shipped one, not shipped itself: by default it goes to the working folder
 DEFAULT_OUT = {"general": "shapes-av-general.pt", "custom": os.path.join(ASSETS, "shapes-av.pt")}
-# per-stage defaults of --steps/--lr/--warmup/--views: the shipped recipe (custom fine-tunes the general model)
+# per-stage defaults of --steps/--lr/--warmup/--views: the general stage and the first customization run of the
+# shipped model, which three more runs continue (docs/model-card-shapes-av.md has the whole chain)
 STAGE_DEFAULTS = {"general": {"steps": 2000, "lr": 2e-3, "warmup": 100, "views": 2},
                   "custom": {"steps": 3000, "lr": 1e-3, "warmup": 100, "views": 1}}
 
@@ -336,12 +337,14 @@ def check_args(args) -> None:
                                ("--test-clips", args.test_clips, 1), ("--eval-every", args.eval_every, 0)):
         if value < low:
             raise ValueError(f"{option} must be at least {low}, got {value}")
-    from ..data.shapes_av import SPLITS
+    from ..data.shapes_av import parse_arg
 
     for option, value, split in (("--train-clips", args.train_clips, "train"),
                                  ("--test-clips", args.test_clips, "test")):
-        if value > SPLITS[split][1]:
-            raise ValueError(f"{option}: shapes-av:{split} has {SPLITS[split][1]} clips; asked for {value}")
+        try:  # the --data parser's own check of a split's size
+            parse_arg(f"{split}:{value}")
+        except ValueError as err:
+            raise ValueError(f"{option}: {err}") from None
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if not args.weight_decay >= 0:
